@@ -1,0 +1,132 @@
+"""Final-checkpoint evaluation (spec protocol.md): frozen features once, then k-NN and the probe.
+
+Features are pooled backbone outputs in ``eval()`` mode, float32, without gradients, for the train
+split (bank / probe fit) and the test split, and are cached next to the checkpoint keyed by the
+checkpoint's hash, so k-NN and the probe (and a re-run of the evaluation) read the same cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datasets import DatasetBundle, ImageSplit
+from engine.data import eval_batches
+from engine.io import atomic_torch_save
+from eval.knn import knn_evaluate, neighbour_label_agreement
+from eval.linear import linear_probe
+from eval.records import pack_bits
+from methods import SSLMethod
+
+AGREEMENT_KS = (1, 5, 20, 50, 200)
+
+
+@torch.inference_mode()
+def extract_features(
+    method: SSLMethod,
+    split: ImageSplit,
+    bundle: DatasetBundle,
+    device: torch.device,
+    batch_size: int = 512,
+    num_workers: int = 4,
+) -> torch.Tensor:
+    """(N, d) float32 features of ``split`` under the eval transform, in split order."""
+    was_training = method.training
+    method.eval()
+    try:
+        parts = [
+            method.embed(images).float()
+            for images in eval_batches(split, bundle, batch_size, device, num_workers)
+        ]
+    finally:
+        method.train(was_training)
+    return torch.cat(parts)
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_features(
+    method: SSLMethod,
+    bundle: DatasetBundle,
+    device: torch.device,
+    cache_dir: Path,
+    batch_size: int = 512,
+    num_workers: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test features, read from ``cache_dir/features-<weights hash>.pt`` when present."""
+    key = state_hash(method.backbone.state_dict())
+    path = cache_dir / f"features-{key}.pt"
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            return cached["train"], cached["test"]
+        except (RuntimeError, KeyError, EOFError, OSError):
+            path.unlink(missing_ok=True)
+    train = extract_features(method, bundle.train, bundle, device, batch_size, num_workers)
+    test = extract_features(method, bundle.test, bundle, device, batch_size, num_workers)
+    atomic_torch_save(path, {"train": train.cpu(), "test": test.cpu()})
+    return train.cpu(), test.cpu()
+
+
+def evaluate_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    knn_settings: list[dict[str, Any]],
+    linear: bool = True,
+    probe_backend: str = "torch",
+    chunk_size: int = 1024,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Every metric of protocol.md §3-§4 plus per-image correctness for the statistics of §5."""
+    if device is not None:
+        train_features, test_features = train_features.to(device), test_features.to(device)
+        train_labels, test_labels = train_labels.to(device), test_labels.to(device)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    metrics: dict[str, Any] = {}
+    correct: dict[str, str] = {}
+    for setting in knn_settings:
+        k, temperature = int(setting["k"]), float(setting["temperature"])
+        k_eff = min(k, len(train_features))
+        result = knn_evaluate(
+            train_features, train_labels, test_features, test_labels,
+            k=k_eff, temperature=temperature, num_classes=num_classes, chunk_size=chunk_size,
+        )
+        name = f"knn{k}"
+        metrics[f"{name}_top1"] = result.top1
+        metrics[f"{name}_top5"] = result.top5
+        metrics[f"{name}_temperature"] = temperature
+        if k_eff != k:
+            metrics[f"{name}_k_used"] = k_eff
+        correct[name] = pack_bits(result.correct)
+    agreement = neighbour_label_agreement(
+        train_features, train_labels, test_features, test_labels,
+        ks=tuple(k for k in AGREEMENT_KS if k <= len(train_features)), chunk_size=chunk_size,
+    )
+    metrics["neighbour_agreement"] = {str(k): v for k, v in agreement.items()}
+    if linear:
+        probe = linear_probe(
+            train_features, train_labels, test_features, test_labels, backend=probe_backend
+        )
+        metrics["linear_top1"] = probe.top1
+        metrics["linear_top5"] = probe.top5
+        metrics["linear_lambda"] = probe.chosen_lambda
+        metrics["linear_lambda_at_edge"] = probe.lambda_at_edge
+        metrics["linear_converged"] = probe.converged
+        metrics["linear_backend"] = probe.backend
+        correct["linear"] = pack_bits(probe.correct)
+    metrics["n_test"] = len(test_labels)
+    metrics["n_train"] = len(train_labels)
+    return {"metrics": metrics, "correct": correct}

@@ -1,0 +1,121 @@
+"""The interface every method shares.
+
+A method owns a backbone and its heads. The engine calls, per step:
+``out = method.training_step(views, indices)`` → a dict with ``loss`` (a scalar tensor with grad)
+and detached loggable scalars; then the optimiser step; then ``method.after_optimizer_step``.
+Evaluation only ever calls ``method.embed(images)``: pooled backbone features, before any head.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class MethodConfigError(ValueError):
+    """An unknown method, option or option value; the message lists what is valid."""
+
+
+def _build_dataclass(cls: type, options: dict[str, Any], where: str) -> Any:
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise MethodConfigError(
+            f"unknown option(s) {', '.join(unknown)} for {where}; valid options: "
+            f"{', '.join(sorted(valid))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in options.items():
+        factory = valid[key].default_factory
+        nested = factory() if factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(nested) and isinstance(value, dict):
+            value = _build_dataclass(type(nested), value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def check_choice(where: str, value: Any, choices: tuple[Any, ...] | list[Any]) -> None:
+    """Raise MethodConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise MethodConfigError(
+            f"invalid {where}={value!r}; valid values: {', '.join(map(str, choices))}"
+        )
+
+
+def check_positive(where: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise MethodConfigError(f"invalid {where}={value!r}; it must be {bound}")
+
+
+class SSLMethod(nn.Module, abc.ABC):
+    """Base class of every self-supervised method.
+
+    Subclasses define a dataclass ``Config`` (its defaults are the method's default preset),
+    ``training_step`` and, when they keep per-step state, ``after_optimizer_step``.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type("Config", (), {})
+
+    @classmethod
+    def make_config(cls, **options: Any) -> Any:
+        config = _build_dataclass(cls.Config, options, f"method {cls.name!r}")
+        cls.validate_config(config)
+        return config
+
+    @classmethod
+    def validate_config(cls, config: Any) -> None:
+        """Raise MethodConfigError for option values the method cannot use."""
+
+    def __init__(self, backbone: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.feature_dim: int = int(backbone.num_features)
+
+    # -- data ------------------------------------------------------------------------------
+    def view_kinds(self) -> list[str]:
+        """Augmentation kind of each view the method consumes (datasets.views.view_config)."""
+        return ["shared", "shared"]
+
+    def check_batch(self, batch_size: int, dataset_size: int) -> None:
+        """Raise MethodConfigError when the global batch or the dataset is too small."""
+        if batch_size < 2:
+            raise MethodConfigError(
+                f"{self.name} needs a batch of at least 2 images, got batch_size={batch_size}"
+            )
+
+    # -- training --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def training_step(
+        self, views: list[torch.Tensor], indices: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Loss (with grad) and detached scalars for one batch of V views of B images."""
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Per-step state updated after the optimiser step (EMA encoders that update late)."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters, split so the optimiser can exclude 1-D ones from LARS/decay."""
+        matrices, vectors = [], []
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue
+            (vectors if param.ndim <= 1 else matrices).append(param)
+        return [
+            {"params": matrices, "name": "weights"},
+            {"params": vectors, "name": "biases_and_norms", "is_1d": True},
+        ]
+
+    # -- evaluation ------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (B, d), before any projector; the only thing evaluation sees."""
+        return self.backbone(images)
