@@ -1,0 +1,279 @@
+"""Weighted k-NN classifier on frozen features (protocol.md §3).
+
+Bank = L2-normalised train-split features, queries = L2-normalised test-split features:
+
+    f̂ = f / max(‖f‖₂, 1e-12)
+    s_ij = f̂_q,i · f̂_b,j
+    N_k(i) = indices of the k largest s_ij
+    score_i(c) = Σ_{j ∈ N_k(i)} exp(s_ij / T) · 1[y_j = c]
+    ŷ_i = argmax_c score_i(c)   (ties -> smaller class index; absent classes score 0)
+
+Shape follows DINO's ``eval_knn.py``: one matmul and one ``topk`` per query chunk.
+
+Determinism rules that the formula leaves open, fixed here so that the result does not depend
+on ``chunk_size`` or on ``topk``'s internal tie order:
+
+* When several bank entries tie with the k-th largest similarity, N_k(i) takes those with the
+  smaller train index.
+* The k neighbours are accumulated in the order (similarity descending, train index ascending),
+  so two classes whose neighbour weights form the same multiset get bit-identical scores on CPU
+  and the tie then goes to the smaller class index. On CUDA, ``scatter_add_`` uses atomics, so
+  scores that are equal in exact arithmetic may differ by rounding.
+* Top-5: y_i is a top-5 hit iff rank_i < 5 with
+  rank_i = #{c : score(c) > score(y_i)} + #{c < y_i : score(c) = score(y_i)},
+  i.e. the same tie rule as top-1. With fewer than 5 classes scoring > 0, zero-score classes
+  therefore fill the remaining slots in index order.
+
+No per-row maximum is subtracted before ``exp``: exp(1/0.07) ≈ 1.6e6 is far from float32
+overflow, and the scores stay literally the formula above (shifting would not change the
+argmax or the ranking anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KnnResult", "knn_evaluate", "knn_top1", "neighbour_label_agreement"]
+
+
+@dataclass
+class KnnResult:
+    """Result of :func:`knn_evaluate`.
+
+    ``top1``/``top5`` are percentages over all test images. ``correct`` is the per-image top-1
+    correctness (bool, on CPU) that protocol §5 consumes; ``top5_correct`` likewise for top-5.
+    """
+
+    top1: float
+    top5: float
+    correct: torch.Tensor
+    k: int
+    temperature: float
+    top5_correct: torch.Tensor | None = None
+
+
+def _check_inputs(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+) -> None:
+    if train_features.ndim != 2 or test_features.ndim != 2:
+        raise ValueError(
+            f"features must be 2-D, got {tuple(train_features.shape)} (train) and "
+            f"{tuple(test_features.shape)} (test)"
+        )
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"feature dimensions differ: train d={train_features.shape[1]}, "
+            f"test d={test_features.shape[1]}"
+        )
+    if train_labels.ndim != 1 or train_labels.shape[0] != train_features.shape[0]:
+        raise ValueError(
+            f"train_labels must have shape ({train_features.shape[0]},), "
+            f"got {tuple(train_labels.shape)}"
+        )
+    if test_labels.ndim != 1 or test_labels.shape[0] != test_features.shape[0]:
+        raise ValueError(
+            f"test_labels must have shape ({test_features.shape[0]},), "
+            f"got {tuple(test_labels.shape)}"
+        )
+    if train_features.shape[0] == 0:
+        raise ValueError("the train bank is empty")
+    for name, lab in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if lab.dtype.is_floating_point or lab.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {lab.dtype}")
+        if lab.numel() and int(lab.min()) < 0:
+            raise ValueError(f"{name} must be in 0..C-1, found {int(lab.min())}")
+    # NaN would silently compare False everywhere and corrupt top-k.
+    for name, feat in (("train_features", train_features), ("test_features", test_features)):
+        if not bool(torch.isfinite(feat).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_k(k: int, n_train: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}")
+    if k > n_train:
+        raise ValueError(f"k={k} exceeds the number of bank (train) features N_train={n_train}")
+
+
+def _nearest(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``sims`` in canonical order (similarity desc, index asc).
+
+    Boundary ties go to the smaller column index. ``topk`` alone does not guarantee which tied
+    columns it returns, so rows with more candidates at the k-th value than free slots are
+    re-selected explicitly; this costs one extra comparison pass over ``sims``.
+    """
+    top_s, top_i = sims.topk(k, dim=1, largest=True, sorted=True)
+    kth = top_s[:, -1:]
+    n_ge = (sims >= kth).sum(dim=1)
+    tied = n_ge > k
+    if bool(tied.any()):
+        rows = tied.nonzero(as_tuple=True)[0]
+        s_rows = sims[rows]
+        kth_rows = kth[rows]
+        gt = s_rows > kth_rows
+        eq = s_rows == kth_rows
+        free = k - gt.sum(dim=1, keepdim=True)
+        keep = gt | (eq & (eq.cumsum(dim=1) <= free))
+        # nonzero is row-major, so each row's k columns come out in ascending index order.
+        cols = keep.nonzero(as_tuple=True)[1].view(-1, k)
+        top_i = top_i.clone()
+        top_s = top_s.clone()
+        top_i[rows] = cols
+        top_s[rows] = s_rows.gather(1, cols)
+    # Canonical order: sort by index, then stable sort by similarity (descending).
+    order = top_i.argsort(dim=1)
+    top_i, top_s = top_i.gather(1, order), top_s.gather(1, order)
+    order = top_s.argsort(dim=1, descending=True, stable=True)
+    return top_s.gather(1, order), top_i.gather(1, order)
+
+
+def _as_tensor(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    return torch.as_tensor(x, device=device)
+
+
+@torch.no_grad()
+def knn_evaluate(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> KnnResult:
+    """Weighted k-NN top-1/top-5 of the test split against the train bank (protocol §3).
+
+    score_i(c) = Σ_{j ∈ N_k(i)} exp(s_ij / T) · 1[y_j = c] with s_ij the cosine similarity of
+    L2-normalised features (norm floored at 1e-12); ŷ_i = argmax_c score_i(c), ties to the
+    smaller class index. Computed in float32 on the device of ``train_features``; queries are
+    processed ``chunk_size`` at a time (memory only, the result does not depend on it).
+
+    ``num_classes`` defaults to 1 + the largest label in either split.
+    Raises ``ValueError`` if k < 1 or k > N_train.
+    """
+    train_features = _as_tensor(train_features)
+    device = train_features.device
+    test_features = _as_tensor(test_features, device)
+    train_labels = _as_tensor(train_labels, device)
+    test_labels = _as_tensor(test_labels, device)
+    _check_inputs(train_features, train_labels, test_features, test_labels)
+    _check_k(k, train_features.shape[0])
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    max_label = int(torch.cat([train_labels, test_labels]).max())
+    if num_classes is None:
+        num_classes = max_label + 1
+    elif max_label >= num_classes:
+        raise ValueError(f"label {max_label} out of range for num_classes={num_classes}")
+
+    bank = F.normalize(train_features.float(), dim=1, eps=1e-12)
+    queries = F.normalize(test_features.float(), dim=1, eps=1e-12)
+    train_labels = train_labels.long()
+    test_labels = test_labels.long()
+    class_ids = torch.arange(num_classes, device=device)
+
+    n_test = queries.shape[0]
+    correct = torch.empty(n_test, dtype=torch.bool, device=device)
+    correct5 = torch.empty(n_test, dtype=torch.bool, device=device)
+    for start in range(0, n_test, chunk_size):
+        stop = min(start + chunk_size, n_test)
+        sims = queries[start:stop] @ bank.T
+        top_s, top_i = _nearest(sims, k)
+        weights = (top_s / temperature).exp()
+        scores = torch.zeros(stop - start, num_classes, device=device, dtype=torch.float32)
+        scores.scatter_add_(1, train_labels[top_i], weights)
+
+        y = test_labels[start:stop]
+        # torch.argmax returns the first maximal index: ties go to the smaller class.
+        correct[start:stop] = scores.argmax(dim=1) == y
+        s_y = scores.gather(1, y[:, None])
+        rank = (scores > s_y).sum(dim=1) + ((scores == s_y) & (class_ids[None] < y[:, None])).sum(
+            dim=1
+        )
+        correct5[start:stop] = rank < 5
+
+    correct = correct.cpu()
+    correct5 = correct5.cpu()
+    denom = max(n_test, 1)
+    return KnnResult(
+        top1=100.0 * correct.sum().item() / denom,
+        top5=100.0 * correct5.sum().item() / denom,
+        correct=correct,
+        k=k,
+        temperature=temperature,
+        top5_correct=correct5,
+    )
+
+
+def knn_top1(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    """Top-1 accuracy in percent of :func:`knn_evaluate` with the given k and T."""
+    return knn_evaluate(
+        train_features, train_labels, test_features, test_labels, k=k, temperature=temperature
+    ).top1
+
+
+@torch.no_grad()
+def neighbour_label_agreement(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Iterable[int] = (1, 5, 20, 50, 200),
+    chunk_size: int = 1024,
+) -> dict[int, float]:
+    """Local-neighbourhood label consistency, in percent, for each k in ``ks``.
+
+    agreement(k) = 100 · (1/N_test) Σ_i (1/k) Σ_{j ∈ N_k(i)} 1[y_j = y_i]
+
+    with N_k(i) the k nearest train features of test image i by cosine similarity (same
+    normalisation and tie rule as :func:`knn_evaluate`). One top-k at max(ks) per query chunk;
+    smaller k use its prefix.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks:
+        raise ValueError("ks is empty")
+    train_features = _as_tensor(train_features)
+    device = train_features.device
+    test_features = _as_tensor(test_features, device)
+    train_labels = _as_tensor(train_labels, device)
+    test_labels = _as_tensor(test_labels, device)
+    _check_inputs(train_features, train_labels, test_features, test_labels)
+    _check_k(ks[0], train_features.shape[0])
+    _check_k(ks[-1], train_features.shape[0])
+
+    bank = F.normalize(train_features.float(), dim=1, eps=1e-12)
+    queries = F.normalize(test_features.float(), dim=1, eps=1e-12)
+    train_labels = train_labels.long()
+    test_labels = test_labels.long()
+    k_max = ks[-1]
+    k_index = torch.tensor([k - 1 for k in ks], device=device)
+
+    n_test = queries.shape[0]
+    # Integer counts: exact, hence independent of the chunking.
+    totals = torch.zeros(len(ks), dtype=torch.long, device=device)
+    for start in range(0, n_test, chunk_size):
+        stop = min(start + chunk_size, n_test)
+        _, top_i = _nearest(queries[start:stop] @ bank.T, k_max)
+        same = train_labels[top_i] == test_labels[start:stop, None]
+        hits = same.long().cumsum(dim=1)[:, k_index]
+        totals += hits.sum(dim=0)
+    denom = max(n_test, 1)
+    return {k: 100.0 * totals[n].item() / (k * denom) for n, k in enumerate(ks)}
