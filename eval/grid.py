@@ -35,15 +35,15 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [p.input_line for p in parsed if not p.is_sweep_override()]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        base = compose("config", overrides=[o for o in overrides if not o.startswith("hydra")],
-                       return_hydra_config=True)
+        base = compose("config", overrides=fixed, return_hydra_config=True)
     params = OmegaConf.to_container(base.hydra.sweeper.params) or {}
     merged: dict[str, str] = {k: f"{k}={v}" for k, v in params.items()}
-    parser = OverridesParser.create()
-    for text in overrides:
-        parsed = parser.parse_override(text)
-        merged[parsed.get_key_element()] = text
+    for override in parsed:
+        merged[override.get_key_element()] = override.input_line
     parsed_all = parser.parse_overrides(list(merged.values()))
     batches = BasicSweeper.split_arguments(parsed_all, max_batch_size=None)
     return [job for batch in batches for job in batch]

@@ -1,0 +1,89 @@
+"""The real command lines: grid validation errors, a 2 × 2 × 1-epoch grid, then the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from methods import list_methods
+from tests.conftest import REPO, run_cli
+
+FAST = ["trainer.progress=false", "trainer.epochs=1"]
+
+
+def test_misspelt_key_fails_naming_it(tmp_path):
+    result = run_cli(["eval.grid", f"results_dir={tmp_path}", "trainer.epochz=1"])
+    assert result.returncode != 0
+    assert "epochz" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_method_in_a_sweep_fails_before_any_training(tmp_path):
+    result = run_cli(["eval.grid", "-m", f"results_dir={tmp_path}", "method=simclr,mocco", *FAST])
+    assert result.returncode == 2
+    assert "mocco" in result.stderr and "simclr" in result.stderr and "moco" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_value_in_last_sweep_job_fails_before_training(tmp_path):
+    result = run_cli(
+        ["eval.grid", "-m", f"results_dir={tmp_path}", "method.temperature=0.2,-1", *FAST]
+    )
+    assert result.returncode == 2
+    assert "method.temperature=-1" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_default_sweep_covers_every_registered_method():
+    config = yaml.safe_load((REPO / "configs" / "config.yaml").read_text())
+    swept = str(config["hydra"]["sweeper"]["params"]["method"]).split(",")
+    names = {yaml.safe_load((REPO / "configs" / "method" / f"{m}.yaml").read_text())["name"] for m in swept}
+    assert names == set(list_methods())
+    assert str(config["hydra"]["sweeper"]["params"]["seed"]) == "0,1,2"
+
+
+@pytest.mark.slow
+def test_grid_then_report_end_to_end(tmp_path):
+    grid = run_cli(
+        ["eval.grid", "-m", "method=simclr,moco", "seed=0,1", f"results_dir={tmp_path}", *FAST],
+        timeout=900,
+    )
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").rglob("record.json"))]
+    assert len(records) == 4
+    assert {(r["method"], r["seed"]) for r in records} == {
+        ("simclr", 0), ("simclr", 1), ("moco", 0), ("moco", 1)
+    }
+    report = run_cli(["eval.report", "--runs", str(tmp_path / "runs")])
+    assert report.returncode == 0, report.stderr
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| digits")]
+    assert len(rows) == 2
+    for method in ("moco", "simclr"):
+        row = next(r for r in rows if r.split("|")[2].strip() == method)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        values = [r["metrics"]["knn20_top1"] for r in records if r["method"] == method]
+        mean = np.mean(values)
+        half = stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / np.sqrt(2)
+        assert cells[7] == f"{mean:.2f} ± {half:.2f}"
+        linear = [r["metrics"]["linear_top1"] for r in records if r["method"] == method]
+        half_lin = stats.t.ppf(0.975, 1) * np.std(linear, ddof=1) / np.sqrt(2)
+        assert cells[9] == f"{np.mean(linear):.2f} ± {half_lin:.2f}"
+        assert cells[11] == "2" and cells[12] == "0,1"
+        assert np.mean(values) > 20.0  # one epoch is already well above the 10% chance level
+    # re-running the same grid trains nothing
+    again = run_cli(
+        ["eval.grid", "-m", "method=simclr,moco", "seed=0,1", f"results_dir={tmp_path}", *FAST],
+        timeout=900,
+    )
+    assert again.returncode == 0
+    assert again.stdout.count("skipping finished run") == 4
+
+
+def test_report_without_records_says_so(tmp_path):
+    result = run_cli(["eval.report", "--runs", str(Path(tmp_path) / "nothing")])
+    assert result.returncode == 2 and "does not exist" in result.stderr
