@@ -22,6 +22,9 @@ from eval.records import pack_bits
 from methods import SSLMethod
 
 AGREEMENT_KS = (1, 5, 20, 50, 200)
+# k-NN accuracy vs k for the report's curve, at the headline temperature (never used to pick k).
+CURVE_KS = (1, 5, 10, 20, 50, 100, 200)
+CURVE_TEMPERATURE = 0.07
 
 
 @torch.inference_mode()
@@ -111,6 +114,14 @@ def evaluate_features(
         if k_eff != k:
             metrics[f"{name}_k_used"] = k_eff
         correct[name] = pack_bits(result.correct)
+    metrics["knn_curve"] = {
+        str(k): knn_evaluate(
+            train_features, train_labels, test_features, test_labels, k=k,
+            temperature=CURVE_TEMPERATURE, num_classes=num_classes, chunk_size=chunk_size,
+        ).top1
+        for k in CURVE_KS
+        if k <= len(train_features)
+    }
     agreement = neighbour_label_agreement(
         train_features, train_labels, test_features, test_labels,
         ks=tuple(k for k in AGREEMENT_KS if k <= len(train_features)), chunk_size=chunk_size,
