@@ -122,7 +122,38 @@ def build_backbone(
                 f"maxpool: resnet*, resnext*, test_resnet, …) and ViTs ('lowres' via the patch "
                 f"size); {name!r} is a {type(model).__name__}. Use stem=imagenet for it."
             )
+    if image_size is not None:
+        check_image_size(model, name, stem, in_chans, image_size)
     return model
+
+
+def check_image_size(model: nn.Module, name: str, stem: str, in_chans: int, image_size: int) -> None:
+    """Refuse an input size whose feature map vanishes (or that the model cannot take at all)."""
+    try:
+        shape = feature_map_size(model, in_chans, image_size)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise BackboneError(
+            f"image size {image_size} px is too small for backbone {name!r} with stem {stem!r}: "
+            f"{str(exc).splitlines()[0]}. Use a larger image size or a low-resolution stem "
+            f"({', '.join(RESNET_STEMS)} for ResNets, lowres for ViTs)."
+        ) from None
+    if any(dim == 0 for dim in shape):
+        raise BackboneError(
+            f"image size {image_size} px is too small for backbone {name!r} with stem {stem!r}: "
+            f"its last feature map would be {shape}. Use a larger image size or a low-resolution stem."
+        )
+    if len(shape) == 3:
+        # A CNN pads its way to a 1×1 map however small the input; refuse inputs smaller than the
+        # network's total stride, where the last stages see mostly padding.
+        probe = 256
+        side = feature_map_size(model, in_chans, probe)[-1]
+        reduction = probe // max(side, 1)
+        if image_size < reduction:
+            raise BackboneError(
+                f"image size {image_size} px is smaller than the total stride {reduction} of "
+                f"backbone {name!r} with stem {stem!r}; use images of at least {reduction} px or "
+                f"a low-resolution stem ({', '.join(RESNET_STEMS)} for ResNets)."
+            )
 
 
 def feature_map_size(model: nn.Module, in_chans: int, image_size: int) -> tuple[int, ...]:
