@@ -87,30 +87,41 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+GATHER_BACKWARDS = ("sum", "local")
+
+
 class GatherWithGrad(torch.autograd.Function):
-    """All-gather whose backward sums gradients over processes and keeps this rank's slice."""
+    """All-gather whose backward keeps this rank's slice of the incoming gradient, summed over
+    processes (``sum``, solo-learn's GatherLayer, the harness rule) or this process's own only
+    (``local``, the GroCo repository's GatherLayer: other processes' contributions are lost)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, backward: str = "sum") -> torch.Tensor:  # type: ignore[override]
         ctx.batch = x.shape[0]
+        ctx.reduce = backward == "sum"
         parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        if ctx.reduce:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.batch
-        return grad[start : start + ctx.batch]
+        return grad[start : start + ctx.batch], None
 
 
-def gather(x: torch.Tensor, *, with_grad: bool) -> torch.Tensor:
-    """Concatenate ``x`` from every process along dim 0 (identity on one process)."""
+def gather(x: torch.Tensor, *, with_grad: bool, backward: str = "sum") -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0 (identity on one process).
+
+    ``backward`` (with ``with_grad``): ``sum`` or ``local``, see ``GatherWithGrad``."""
+    if backward not in GATHER_BACKWARDS:
+        raise ValueError(f"invalid gather backward={backward!r}; valid: {', '.join(GATHER_BACKWARDS)}")
     if world_size() == 1:
         return x
     if with_grad:
-        return GatherWithGrad.apply(x)
+        return GatherWithGrad.apply(x, backward)
     parts = [torch.zeros_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)
@@ -322,3 +333,117 @@ def keep_topk(mask: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
     kept = torch.zeros_like(mask)
     kept.scatter_(1, top, True)
     return kept & mask
+
+
+# --------------------------------------------------------------------------------------------
+# batch k-means (CLD) and per-step random streams
+# --------------------------------------------------------------------------------------------
+KMEANS_INITS = ("first_k", "random")
+
+
+def generator_from_global_rng(device: torch.device | str | None = None) -> torch.Generator:
+    """A CPU generator seeded by one draw from torch's global CPU RNG.
+
+    The engine seeds the global RNG per epoch, so the stream is reproducible; with W > 1 the seed
+    is broadcast from rank 0 so that every process draws the same permutations (a clustering or a
+    batch shuffle that differed between processes would break the gathered-gradient rule).
+    ``device`` is where the broadcast buffer lives (NCCL needs a CUDA tensor).
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.long)
+    if world_size() > 1:
+        buffer = seed.to(device if device is not None else "cpu")
+        dist.broadcast(buffer, src=0)
+        seed = buffer.cpu()
+    return torch.Generator().manual_seed(int(seed.item()))
+
+
+def _kmeans_slack(sq_x: torch.Tensor, sq_c: torch.Tensor) -> torch.Tensor:
+    # The matmul form ‖x‖² − 2x·c + ‖c‖² is only used to shortlist centroids; its rounding error
+    # is a few ulp of ‖x‖² + ‖c‖² in IEEE float32, up to ~1e-3 relative when float32 matmuls run
+    # in TF32 (or bf16) on a GPU. The shortlist keeps everything within a generous multiple.
+    try:
+        ieee = sq_x.dtype == torch.float64 or torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # torch refuses to report it when legacy and new TF32 flags are mixed
+        ieee = False
+    rtol = 1e-4 if ieee else 2e-2
+    return rtol * (sq_x + sq_c.max().clamp_min(0)) + 1e-12
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Γ(i) = argmin_j Σ_d (x_id − c_jd)², the lowest index on ties (``argmin``'s rule).
+
+    The distance is the direct sum of squared differences, as CLD's ``KMeans`` computes it (so a
+    point sitting exactly on a centroid is at distance exactly 0). Materialising the (N, K, D)
+    difference tensor costs ~50× a matmul on a CPU, so candidates are shortlisted with the
+    expanded form and only those pairs get the direct distance; every centroid within the
+    expanded form's error bound of the row minimum is a candidate, so the result is the direct
+    form's argmin.
+    """
+    sq_x = (x * x).sum(dim=1, keepdim=True)
+    sq_c = (centroids * centroids).sum(dim=1)
+    approx = sq_x - 2.0 * (x @ centroids.T) + sq_c
+    best = approx.min(dim=1, keepdim=True).values
+    rows, cols = (approx <= best + _kmeans_slack(sq_x, sq_c)).nonzero(as_tuple=True)
+    exact = torch.full_like(approx, float("inf"))
+    exact[rows, cols] = ((x[rows] - centroids[cols]) ** 2).sum(dim=-1)
+    return exact.argmin(dim=1)
+
+
+def cluster_means(x: torch.Tensor, assignments: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """M_j = Σ_{i: Γ(i)=j} x_i / max(n_j, 1): an empty cluster gets count 1 and sum 0, i.e. a
+    zero centroid (CLD's ``labels_count_all`` rule). Differentiable in ``x``."""
+    sums = x.new_zeros(n_clusters, x.shape[1]).index_add(0, assignments, x)
+    counts = torch.bincount(assignments, minlength=n_clusters).clamp_min(1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+def spherical_kmeans(
+    x: torch.Tensor,
+    n_clusters: int,
+    n_iters: int,
+    generator: torch.Generator | None = None,
+    init: str = "first_k",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch k-means of the rows of ``x`` (N, D), exactly as CLD's ``spectral_clustering.KMeans``.
+
+    Meant for unit rows (CLD's group embeddings) but the rows are used as given:
+
+    1. Initial centroids: the first min(k, N) rows (``first_k``, CLD), or min(k, N) distinct rows
+       drawn with ``generator`` (``random``; torch's default generator when None).
+    2. ``n_iters`` times: assign Γ(i) = argmin_j Σ_d (x_id − c_jd)² (direct form, lowest index on
+       ties), then recompute c_j = Σ_{Γ(i)=j} x_i / max(n_j, 1) for j < k. With k > N the first
+       assignment therefore sees N centroids and later ones k, the surplus ones zero.
+    3. Returns ``(centroids (k, D), assignments (N,))``: the labels of the last assignment and the
+       means recomputed from them.
+
+    Centroids are **not** re-normalised (norm ≤ 1 for unit rows) and an empty cluster's centroid
+    is 0. They carry gradient to ``x`` (only through the final means; the assignments are
+    discrete and the earlier iterations only choose them), as in CLD, where they are built by
+    scatter-add from the undetached features. Runs in float32 (float64 kept) with autocast off,
+    on ``x``'s device; the random initialisation is drawn on the CPU, so it is the same on every
+    device for a given generator state.
+    """
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"k-means needs a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
+    if n_clusters < 1 or n_iters < 1:
+        raise ValueError(
+            f"k-means needs n_clusters >= 1 and n_iters >= 1, got {n_clusters} and {n_iters}"
+        )
+    if init not in KMEANS_INITS:
+        raise ValueError(f"invalid k-means init {init!r}; valid: {', '.join(KMEANS_INITS)}")
+    if x.dtype != torch.float64:
+        x = x.float()
+    n = x.shape[0]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.no_grad():
+            points = x.detach()
+            if init == "first_k":
+                centroids = points[:n_clusters].clone()
+            else:
+                pick = torch.randperm(n, generator=generator)[:n_clusters].to(x.device)
+                centroids = points[pick]
+            for it in range(n_iters):
+                assignments = nearest_centroid(points, centroids)
+                if it + 1 < n_iters:
+                    centroids = cluster_means(points, assignments, n_clusters)
+        return cluster_means(x, assignments, n_clusters), assignments

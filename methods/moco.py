@@ -9,18 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from methods import register_method
-from methods.base import MethodConfigError, SSLMethod, check_choice, check_positive
+from methods.base import MethodConfigError, SSLMethod, check_choice, check_matrices, check_positive
 from methods.blocks import (
     FeatureQueue,
     MomentumEncoder,
     NormLinear,
     convert_split_bn,
+    gather,
     l2_normalize,
     projection_mlp,
+    rank,
+    world_size,
 )
 
 HEADS = ("mlp", "linear", "normlinear")
@@ -40,6 +44,9 @@ def moco_infonce_loss(
     check_positive("temperature", temperature)
     if query.shape != key.shape or query.ndim != 2:
         raise ValueError(f"query and key must both be (B, D), got {tuple(query.shape)}, {tuple(key.shape)}")
+    check_matrices("moco_infonce_loss", query=query, key=key)
+    # The queue may be empty (M = 0) but must hold keys of the query's dimension.
+    check_matrices("moco_infonce_loss", same_rows=False, query=query, queue=queue)
     q = l2_normalize(query.float())
     k = l2_normalize(key.detach().float())
     positive = (q * k).sum(dim=1, keepdim=True)
@@ -47,6 +54,32 @@ def moco_infonce_loss(
     logits = torch.cat([positive, negative], dim=1) / temperature
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-process shuffle-BN (moco.md §4; official moco/builder.py _batch_shuffle_ddp and
+# _batch_unshuffle_ddp). Used only when W > 1; on one process a shuffle cannot change BN statistics.
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def shuffle_bn_forward(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``encoder(images)`` where each process's BN statistics come from a random 1/W of the
+    global batch instead of its own images; the outputs are returned in the input order.
+
+    Every process draws the permutation from the global torch generator (so the generators stay
+    aligned across processes, as the per-epoch seeding expects) and rank 0's draw is broadcast.
+    No gradient flows (keys are detached). Identity on one process.
+    """
+    processes = world_size()
+    if processes == 1:
+        return encoder(images)
+    local = images.shape[0]
+    everything = gather(images, with_grad=False)
+    perm = torch.randperm(everything.shape[0]).to(images.device)
+    dist.broadcast(perm, src=0)
+    mine = perm.view(processes, local)[rank()]
+    out = gather(encoder(everything[mine]).contiguous(), with_grad=False)
+    unshuffled = out[torch.argsort(perm)]
+    return unshuffled[rank() * local : (rank() + 1) * local]
 
 
 @dataclass
@@ -102,6 +135,11 @@ class MoCo(SSLMethod):
         self.online = nn.Sequential(self.backbone, self.head)
         self.key_encoder = MomentumEncoder(self.online)
         self.queue = FeatureQueue(config.queue_size, config.dim, init=config.queue_init)
+        # With W > 1 the key encoder runs under cross-process shuffle-BN and keeps per-process BN
+        # (the engine leaves ``local_bn_modules`` out of SyncBN). False syncs it like the rest of
+        # the network (the DDP equivalence test compares W = 2 with W = 1 that way). A subclass
+        # whose config has its own ``shuffle_bn`` option (ASCL) sets it from there.
+        self.shuffle_bn: bool = bool(getattr(config, "shuffle_bn", True))
 
     def view_kinds(self) -> list[str]:
         key_kind = "weak" if self.config.key_view == "weak" else "shared"
@@ -109,15 +147,32 @@ class MoCo(SSLMethod):
 
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         super().check_batch(batch_size, dataset_size)
-        self.queue.check_batch(batch_size * (2 if self.config.direction == "symmetric" else 1))
+        pushed = batch_size * (2 if self.config.direction == "symmetric" else 1)
+        self.queue.check_batch(pushed)
+        if self.queue.size > dataset_size:
+            # The queue's entries are negatives: once it is larger than the data set, every query
+            # meets an older key of its own image among them, a false negative on every step
+            # (NNCLR's and All4One's support sets are neighbours, not negatives, and allow it).
+            fits = dataset_size // pushed * pushed
+            raise MethodConfigError(
+                f"method.queue_size={self.queue.size} exceeds the {dataset_size} pre-training "
+                "images, so each query would meet stale keys of its own image as negatives; use "
+                + (f"a queue_size <= {fits} (a multiple of {pushed})" if fits else
+                   "a smaller batch or a larger data set")
+            )
         if self.config.bn_splits > 1 and batch_size % self.config.bn_splits:
             raise MethodConfigError(
                 f"method.bn_splits={self.config.bn_splits} needs a batch divisible by it, "
                 f"got batch_size={batch_size}"
             )
 
+    def local_bn_modules(self) -> list[nn.Module]:
+        return [self.key_encoder] if self.shuffle_bn else []
+
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        if self.shuffle_bn and world_size() > 1:
+            return l2_normalize(shuffle_bn_forward(self.key_encoder, images).float())
         return l2_normalize(self.key_encoder(images).float())
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -46,6 +46,8 @@ def nt_xent_loss(
     batch = views[0].shape[0]
     if any(v.shape != views[0].shape for v in views) or views[0].ndim != 2:
         raise ValueError(f"every view must be (B, D) of one shape, got {[tuple(v.shape) for v in views]}")
+    if batch < 1:  # the mean over zero anchors would be NaN
+        raise ValueError(f"NT-Xent needs at least 1 image per view, got views of shape {tuple(views[0].shape)}")
     check_choice("multiview", multiview, MULTIVIEW_MODES)
     check_positive("temperature", temperature)
     n_views = len(views)

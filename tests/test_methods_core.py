@@ -242,7 +242,7 @@ def test_moco_step_updates_key_encoder_before_keys_and_enqueues_keys():
             p.add_(0.5)
     views = [torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)]
     out = method.training_step(views, torch.arange(4))
-    for k_old, q_old, k_new in zip(key_before, online_before, method.key_encoder.parameters()):
+    for k_old, q_old, k_new in zip(key_before, online_before, method.key_encoder.parameters(), strict=True):
         assert torch.allclose(k_new, 0.5 * k_old + 0.5 * (q_old + 0.5), atol=1e-6)
     # the 4 new keys are the key encoder's normalised outputs of view 2, at rows 0..3
     with torch.no_grad():

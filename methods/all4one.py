@@ -1,0 +1,427 @@
+"""All4One: symbiotic neighbour contrastive learning (spec all4one.md).
+
+NNCLR's neighbour contrast plus two objectives: a centroid contrast, where a small transformer
+summarises each sample's K nearest support-set neighbours into one token that is contrasted across
+views, and a redundancy-reduction term on the cross-view feature correlation matrix. Neighbours are
+looked up with momentum embeddings; the support set holds view 1's momentum embeddings.
+
+The default options reproduce the official code (ImaGonEs/all4one; solo-learn ``all4one.py``):
+
+- ``pos_enc=permuted``: the positional table of ``Summer(PositionalEncodingPermute1D(5))``, which
+  treats the feature indices as positions and the K slots as channels (``permuted_position_table``);
+  ``standard`` is a Vaswani table over the K slots.
+- ``centroid_temperature=0.1``: ``nnclr_loss_func``'s implicit default for the centroid term, while
+  the neighbour term uses ``temperature=0.2``.
+- ``nn_source=momentum``: view 2's neighbours come from its momentum embedding; ``online`` uses the
+  online projection, as the paper's figure draws it.
+- ``feature_loss=rms``: root-mean-square on/off-diagonal terms on column-normalised features
+  (``feature_rms_loss``); ``barlow`` is Barlow Twins with λ = 5e-3 (``feature_barlow_loss``).
+- ``feature_stats=local``: the feature term uses each process's own rows, so with W > 1 processes
+  the default is by design not the one-process computation; ``global`` gathers first and is
+  W-invariant like every other term.
+- ``exclude_self=false`` and ``queue_init=random_unit`` as in NNCLR.
+
+The official ``save_NN`` pickle dump and the fork's ``audioop`` import are dead code and are not
+reproduced (spec §9 F6).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods import register_method
+from methods.base import (
+    MethodConfigError,
+    SSLMethod,
+    check_choice,
+    check_matrices,
+    check_positive,
+)
+from methods.blocks import (
+    COSINE_EPS,
+    FeatureQueue,
+    MomentumEncoder,
+    gather,
+    l2_normalize,
+    momentum_at,
+)
+from methods.nnclr import (
+    QUEUE_INITS,
+    IndexLabelsMixin,
+    build_nnclr_predictor,
+    build_nnclr_projector,
+    float32_region,
+    neighbour_metrics,
+    nn_infonce,
+    nnclr_loss,
+    support_neighbours,
+)
+
+POS_ENCODINGS = ("permuted", "standard")
+FEATURE_LOSSES = ("rms", "barlow")
+FEATURE_STATS = ("local", "global")
+NN_SOURCES = ("momentum", "online")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+# --------------------------------------------------------------------------------------------
+# positional tables
+# --------------------------------------------------------------------------------------------
+def sinusoid_table(length: int, channels: int) -> torch.Tensor:
+    """The sin/cos table of ``positional-encodings``' ``PositionalEncoding1D(channels)``, (length, C).
+
+    With C' = 2·⌈C/2⌉ and ω_j = 1 / 10000^{2j/C'} (j = 0..C'/2−1, a float32 buffer as in the
+    package): table[x, 2j] = sin(x·ω_j), table[x, 2j+1] = cos(x·ω_j), columns cut to C. Evaluated
+    in float32, as the official runs evaluate it.
+    """
+    even = int(math.ceil(channels / 2) * 2)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, even, 2).float() / even))
+    angles = torch.einsum("i,j->ij", torch.arange(length).float(), inv_freq)
+    table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2, -1)
+    return table[:, :channels].contiguous()
+
+
+def permuted_position_table(k: int, dim: int) -> torch.Tensor:
+    """The official additive table, (k, dim): PE[s, u] = sin(u·ω_{s/2}) for even slot s and
+    cos(u·ω_{(s−1)/2}) for odd s, ω_j = 1/10000^{2j/C'}, C' = 2·⌈k/2⌉.
+
+    ``PositionalEncodingPermute1D(k)`` expects (batch, channels, length) but receives
+    (batch, k, dim), so the dim feature indices u = 0..dim−1 act as positions and the k sequence
+    slots as channels (spec §4). For k = 5 the rows have L2 norms ≈ 11.3, 11.3, 11.5, 11.1, 4.9,
+    about ten times the unit-norm tokens they are added to.
+    """
+    return sinusoid_table(dim, k).T.contiguous()
+
+
+def standard_position_table(k: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s table over the k slots, (k, dim): PE[s, 2j] = sin(s·ω_j),
+    PE[s, 2j+1] = cos(s·ω_j), ω_j = 1/10000^{2j/dim} (the clean variant)."""
+    return sinusoid_table(k, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------
+def centroid_sequences(
+    neighbours: torch.Tensor, centroid_pred: torch.Tensor, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer's two input sequences for one view, each (B, K, D).
+
+    S = NN + PE (the K neighbours, most similar first) and, by the figure's shift operation,
+    T = [c ; NN[:, 0:K−1]] + PE: the centroid predictor output c (not normalised) takes slot 0 and
+    the K-th neighbour is dropped. Both run in float32.
+    """
+    if neighbours.ndim != 3 or centroid_pred.shape != (neighbours.shape[0], neighbours.shape[2]):
+        raise ValueError(
+            f"neighbours must be (B, K, D) and the prediction (B, D), got "
+            f"{tuple(neighbours.shape)} and {tuple(centroid_pred.shape)}"
+        )
+    k = neighbours.shape[1]
+    neighbours = neighbours.float()
+    table = table.to(neighbours.device, torch.float32)
+    rich = neighbours + table
+    shifted = torch.cat([centroid_pred.float().unsqueeze(1), neighbours[:, : k - 1]], dim=1) + table
+    return rich, shifted
+
+
+def _off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    n = matrix.shape[0]
+    return matrix.masked_select(~torch.eye(n, dtype=torch.bool, device=matrix.device))
+
+
+def feature_rms_loss(
+    m1: torch.Tensor, z1: torch.Tensor, m2: torch.Tensor, z2: torch.Tensor, scale: float = 10.0
+) -> torch.Tensor:
+    """All4One's redundancy reduction (official, not Barlow Twins' form).
+
+    With n(x) the L2 normalisation of each column of x over the batch (no centring),
+    A = n(m1)ᵀ·n(z2) and A′ = n(m2)ᵀ·n(z1), both D×D:
+
+        on  = sqrt( ½·[ mean_u (A_uu − 1)² + mean_u (A′_uu − 1)² ] )
+        off = sqrt( ½·[ mean_{u≠v} A_uv²   + mean_{u≠v} A′_uv²   ] )
+        L   = scale · (½·on + ½·off)
+
+    m_a are the momentum embeddings (constants), z_a the online projections. Any B ≥ 1; D ≥ 2
+    (with D = 1 there is no off-diagonal entry to average).
+    """
+    check_matrices("feature_rms_loss", min_dim=2, m1=m1, z1=z1, m2=m2, z2=z2)
+    with float32_region(z1):
+        def corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            a = F.normalize(a.float(), dim=0, eps=COSINE_EPS)
+            b = F.normalize(b.float(), dim=0, eps=COSINE_EPS)
+            return a.T @ b
+
+        a, a2 = corr(m1, z2), corr(m2, z1)
+        on = (0.5 * ((a.diagonal() - 1).pow(2).mean() + (a2.diagonal() - 1).pow(2).mean())).sqrt()
+        off = (0.5 * (_off_diagonal(a).pow(2).mean() + _off_diagonal(a2).pow(2).mean())).sqrt()
+        return scale * (0.5 * on + 0.5 * off)
+
+
+def feature_barlow_loss(
+    m1: torch.Tensor, z1: torch.Tensor, m2: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3
+) -> torch.Tensor:
+    """Barlow Twins on the same pairs (the clean option ``feature_loss=barlow``).
+
+    With s(x) = (x − mean) / sqrt(var + 1e-5) per column over the N rows (BatchNorm without affine,
+    biased variance) and C = s(m1)ᵀ·s(z2) / N, C′ = s(m2)ᵀ·s(z1) / N:
+
+        BT(C) = Σ_u (1 − C_uu)² + λ·Σ_{u≠v} C_uv²,   L = ½·[ BT(C) + BT(C′) ]
+    """
+    check_matrices("feature_barlow_loss", m1=m1, z1=z1, m2=m2, z2=z2)
+    with float32_region(z1):
+        def standardise(x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
+            return (x - x.mean(dim=0)) / torch.sqrt(x.var(dim=0, unbiased=False) + 1e-5)
+
+        def barlow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            c = standardise(a).T @ standardise(b) / a.shape[0]
+            return (1 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
+
+        return 0.5 * (barlow(m1, z2) + barlow(m2, z1))
+
+
+def centroid_loss(
+    rich: list[torch.Tensor], shifted: list[torch.Tensor], temperature: float = 0.1
+) -> torch.Tensor:
+    """L_cent = ½·info(C^nn_1, C^p_2, τ_c) + ½·info(C^nn_2, C^p_1, τ_c), with C^nn_a the
+    transformer's token-0 output for S_a, C^p_a for T_a, and info the cross-view InfoNCE of
+    ``methods.nnclr.nn_infonce`` (local anchors, gathered candidates)."""
+    if len(rich) != 2 or len(shifted) != 2:
+        raise ValueError(
+            f"centroid_loss takes the two views' outputs, got {len(rich)} rich and "
+            f"{len(shifted)} shifted"
+        )
+    check_matrices("centroid_loss", rich1=rich[0], rich2=rich[1], shifted1=shifted[0],
+                   shifted2=shifted[1])
+    return 0.5 * nn_infonce(rich[0], shifted[1], temperature) + 0.5 * nn_infonce(
+        rich[1], shifted[0], temperature
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# method
+# --------------------------------------------------------------------------------------------
+def build_centroid_transformer(
+    dim: int, heads: int, ff_dim: int, dropout: float, layers: int
+) -> nn.TransformerEncoder:
+    """``nn.TransformerEncoder`` as in the official code: post-norm, ReLU, batch-first, no final
+    norm. The layer is deep-copied ``layers`` times, so all layers start with equal weights."""
+    layer = nn.TransformerEncoderLayer(
+        d_model=dim, nhead=heads, dim_feedforward=ff_dim, dropout=dropout, batch_first=True
+    )
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+
+@dataclass
+class All4OneConfig:
+    preset: str = "solo"
+    temperature: float = 0.2
+    centroid_temperature: float = 0.1
+    n_neighbors: int = 5
+    queue_size: int = 98304
+    queue_init: str = "random_unit"
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 256
+    pred_hidden_dim: int = 4096
+    nn_weight: float = 0.5
+    centroid_weight: float = 0.5
+    feature_weight: float = 0.5
+    feature_scale: float = 10.0
+    feature_loss: str = "rms"
+    barlow_lambda: float = 5e-3
+    feature_stats: str = "local"
+    pos_enc: str = "permuted"
+    nn_source: str = "momentum"
+    exclude_self: bool = False
+    momentum_base: float = 0.99
+    momentum_final: float = 1.0
+    momentum_schedule: str = "cosine"
+    transformer_lr: float = 0.1
+    transformer_layers: int = 3
+    transformer_heads: int = 8
+    transformer_ff_dim: int | None = None
+    transformer_dropout: float = 0.1
+
+
+@register_method("all4one")
+class All4One(IndexLabelsMixin, SSLMethod):
+    Config = All4OneConfig
+
+    @classmethod
+    def validate_config(cls, config: All4OneConfig) -> None:
+        check_choice("method.queue_init", config.queue_init, QUEUE_INITS)
+        check_choice("method.feature_loss", config.feature_loss, FEATURE_LOSSES)
+        check_choice("method.feature_stats", config.feature_stats, FEATURE_STATS)
+        check_choice("method.pos_enc", config.pos_enc, POS_ENCODINGS)
+        check_choice("method.nn_source", config.nn_source, NN_SOURCES)
+        check_choice("method.momentum_schedule", config.momentum_schedule, MOMENTUM_SCHEDULES)
+        check_choice("method.exclude_self", config.exclude_self, (False, True))
+        for key in (
+            "temperature", "centroid_temperature", "n_neighbors", "queue_size", "proj_hidden_dim",
+            "proj_output_dim", "pred_hidden_dim", "transformer_lr", "transformer_layers",
+            "transformer_heads",
+        ):
+            check_positive(f"method.{key}", getattr(config, key))
+        for key in ("nn_weight", "centroid_weight", "feature_weight", "feature_scale",
+                    "barlow_lambda"):
+            check_positive(f"method.{key}", getattr(config, key), allow_zero=True)
+        if config.transformer_ff_dim is not None:
+            check_positive("method.transformer_ff_dim", config.transformer_ff_dim)
+        if config.proj_output_dim % config.transformer_heads:
+            raise MethodConfigError(
+                f"method.transformer_heads={config.transformer_heads} must divide "
+                f"method.proj_output_dim={config.proj_output_dim}"
+            )
+        if not 0.0 <= config.transformer_dropout < 1.0:
+            raise MethodConfigError(
+                f"invalid method.transformer_dropout={config.transformer_dropout}; valid: [0, 1)"
+            )
+        for key in ("momentum_base", "momentum_final"):
+            if not 0.0 <= getattr(config, key) <= 1.0:
+                raise MethodConfigError(f"invalid method.{key}={getattr(config, key)}; valid: [0, 1]")
+
+    def __init__(self, backbone: nn.Module, config: All4OneConfig) -> None:
+        super().__init__(backbone, config)
+        dim = config.proj_output_dim
+        self.projector = build_nnclr_projector(self.feature_dim, config.proj_hidden_dim, dim)
+        self.predictor = build_nnclr_predictor(dim, config.pred_hidden_dim)
+        self.centroid_predictor = build_nnclr_predictor(dim, config.pred_hidden_dim)
+        self.transformer = build_centroid_transformer(
+            dim, config.transformer_heads, config.transformer_ff_dim or 2 * dim,
+            config.transformer_dropout, config.transformer_layers,
+        )
+        self.momentum_encoder = MomentumEncoder(self._online())
+        self.queue = FeatureQueue(config.queue_size, dim, init=config.queue_init)
+        table = (permuted_position_table if config.pos_enc == "permuted" else
+                 standard_position_table)(config.n_neighbors, dim)
+        self.register_buffer("position_table", table, persistent=False)
+        self.register_buffer("index_labels", None, persistent=False)
+
+    def _online(self) -> nn.Sequential:
+        # A fresh container each call, so backbone and projector are not registered twice.
+        return nn.Sequential(self.backbone, self.projector)
+
+    def check_batch(self, batch_size: int, dataset_size: int) -> None:
+        super().check_batch(batch_size, dataset_size)
+        k = self.config.n_neighbors
+        if batch_size <= k:
+            raise MethodConfigError(
+                f"all4one with method.n_neighbors={k} needs a batch of more than {k} images, got "
+                f"batch_size={batch_size}"
+            )
+        self.queue.check_batch(batch_size)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The transformer at its own fixed lr (0.1, not batch-scaled; same schedule, LARS and
+        decay rules), the rest at the peak lr; 1-D parameters apart in both."""
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {
+            (t, v): [] for t in (False, True) for v in (False, True)
+        }
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                groups[(name.startswith("transformer."), param.ndim <= 1)].append(param)
+        lr = {"fixed_lr": self.config.transformer_lr}
+        return [
+            {"params": groups[(False, False)], "name": "weights"},
+            {"params": groups[(False, True)], "name": "biases_and_norms", "is_1d": True},
+            {"params": groups[(True, False)], "name": "transformer_weights", **lr},
+            {"params": groups[(True, True)], "name": "transformer_biases_and_norms",
+             "is_1d": True, **lr},
+        ]
+
+    @torch.no_grad()
+    def _momentum_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.momentum_encoder(images).float())
+
+    def training_step(
+        self, views: list[torch.Tensor], indices: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if len(views) != 2:
+            raise ValueError(f"All4One takes 2 views, got {len(views)}")
+        z = [self.projector(self.backbone(v)) for v in views]
+        p = [self.predictor(zi) for zi in z]
+        c = [self.centroid_predictor(zi) for zi in z]
+        m = [self._momentum_embeddings(v) for v in views]
+        return self.loss_and_update(z, p, c, m, indices)
+
+    def loss_and_update(
+        self,
+        z: list[torch.Tensor],
+        p: list[torch.Tensor],
+        c: list[torch.Tensor],
+        m: list[torch.Tensor],
+        indices: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Lookups, the three terms and the queue push from online projections ``z``, neighbour
+        and centroid predictions ``p`` / ``c`` and normalised momentum embeddings ``m``.
+
+        L = w_c·L_cent + w_n·L_nn + w_f·L_feat (0.5 each by default).
+        """
+        cfg = self.config
+        k = cfg.n_neighbors
+        m = [mi.detach().float() for mi in m]
+        queries = [m[0], m[1] if cfg.nn_source == "momentum" else l2_normalize(z[1].detach().float())]
+        current = current_ids = None
+        if int(self.queue.filled) < k:  # first step of an empty queue only
+            current = gather(m[0], with_grad=False)
+            current_ids = gather(indices, with_grad=False)
+        neighbours, ids = [], []
+        for query in queries:
+            values, value_ids = support_neighbours(
+                query, self.queue, k, query_ids=indices, exclude_self=cfg.exclude_self,
+                current=current, current_ids=current_ids,
+            )
+            neighbours.append(values)
+            ids.append(value_ids)
+
+        rich, shifted = zip(
+            *(centroid_sequences(nn_a, c_a, self.position_table)
+              for nn_a, c_a in zip(neighbours, c, strict=True)),
+            strict=True,
+        )
+        # Enc(S_1), Enc(S_2), Enc(T_1), Enc(T_2), four calls in the official order, so that the
+        # dropout masks match the official code's under the same RNG state.
+        encoded = [self.transformer(seq)[:, 0] for seq in (*rich, *shifted)]
+        loss_centroid = centroid_loss(encoded[:2], encoded[2:], cfg.centroid_temperature)
+        loss_nn = nnclr_loss(
+            neighbours[0][:, 0], p[0], neighbours[1][:, 0], p[1], cfg.temperature, "cross_view"
+        )
+        loss_feature = self._feature_loss(m, z)
+        loss = (
+            cfg.centroid_weight * loss_centroid
+            + cfg.nn_weight * loss_nn
+            + cfg.feature_weight * loss_feature
+        )
+        # Pushed after the loss: the lookups above saw earlier steps only.
+        self.queue.push(m[0], indices)
+        return {
+            "loss": loss,
+            "loss_centroid": loss_centroid.detach(),
+            "loss_nn": loss_nn.detach(),
+            "loss_feature": loss_feature.detach(),
+            **neighbour_metrics(ids[0][:, 0], indices, self.index_labels),
+        }
+
+    def _feature_loss(self, m: list[torch.Tensor], z: list[torch.Tensor]) -> torch.Tensor:
+        cfg = self.config
+        if cfg.feature_stats == "global":
+            # Every process then computes the same loss over the global batch (as SimCLR does).
+            m = [gather(mi, with_grad=False) for mi in m]
+            z = [gather(zi, with_grad=True) for zi in z]
+        if cfg.feature_loss == "rms":
+            return feature_rms_loss(m[0], z[0], m[1], z[1], cfg.feature_scale)
+        return feature_barlow_loss(m[0], z[0], m[1], z[1], cfg.barlow_lambda)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """EMA of backbone and projector, τ_m from 0.99 to 1.0 on a cosine over steps."""
+        cfg = self.config
+        momentum = momentum_at(
+            cfg.momentum_base, cfg.momentum_final, step, total_steps, cfg.momentum_schedule
+        )
+        self.momentum_encoder.update(self._online(), momentum)
