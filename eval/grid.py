@@ -6,11 +6,17 @@
 
 Before a multirun starts, every config of the sweep is composed and validated, so a typo in the
 last value of a sweep fails before the first run trains.
+
+On a cluster, ``hydra/launcher=submitit_slurm`` submits the grid as one SLURM job array (one task
+per run) and ``hydra/launcher=submitit_local`` runs it through submitit on this machine; their
+settings are ``hydra.launcher.*`` overrides (configs/hydra/launcher/, slurm/README.md).
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -20,6 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+# configs/hydra/launcher/submitit_*.yaml set our defaults over the plugin's configs of the same
+# name, which hydra 1.3 merges onto the plugin's schema (what we want) with a deprecation notice.
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema"
+)
 
 
 def _is_multirun(argv: list[str]) -> bool:
@@ -30,8 +41,15 @@ def _user_overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if "=" in a and not a.startswith("-")]
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Every job's override list of the sweep hydra's basic sweeper would launch."""
+def _is_hydra_override(override: str) -> bool:
+    """``hydra.launcher.partition=x``, ``+hydra.launcher.additional_parameters.y=z`` or a hydra
+    config group such as ``hydra/launcher=submitit_slurm``: launcher settings, not run settings."""
+    return re.match(r"[+~]*hydra[./]", override) is not None
+
+
+def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], int]:
+    """Every job's override list of the sweep hydra's basic sweeper would launch, and the number
+    of processes each run will have (``tasks_per_node`` × ``nodes`` of a submitit launcher)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -46,38 +64,50 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         merged[override.get_key_element()] = override.input_line
     parsed_all = parser.parse_overrides(list(merged.values()))
     batches = BasicSweeper.split_arguments(parsed_all, max_batch_size=None)
-    return [job for batch in batches for job in batch]
+    launcher = base.hydra.launcher
+    world = int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1)
+    return [job for batch in batches for job in batch], world
 
 
-def validate_sweep(overrides: list[str]) -> int:
-    """Compose and resolve every job of the sweep; return the number of jobs."""
+def validate_sweep(overrides: list[str]) -> tuple[int, int]:
+    """Compose and resolve every job of the sweep; return (jobs, jobs already finished)."""
     from engine.config import resolve_run_config
+    from engine.train import finished_record, run_dir_for
 
-    jobs = expand_sweep(overrides)
+    jobs, world = expand_sweep(overrides)
+    finished = 0
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for job in jobs:
-            cfg = compose("config", overrides=[o for o in job if not o.startswith("hydra.")])
+            cfg = compose("config", overrides=[o for o in job if not _is_hydra_override(o)])
             try:
-                resolve_run_config(cfg)
+                config = resolve_run_config(cfg)
             except USER_ERRORS as exc:
                 raise type(exc)(f"grid job {' '.join(job)}: {exc}") from None
-    return len(jobs)
+            if world > 1:  # as engine.train.run keys the run
+                config["trainer"]["world_size"] = world
+            finished += finished_record(run_dir_for(config)) is not None
+    return len(jobs), finished
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def run_one(cfg: DictConfig) -> float | None:
     from engine.train import run
 
     record = run(cfg)
     return record["metrics"].get("knn20_top1")
 
 
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return run_one(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if _is_multirun(argv):
-            n_jobs = validate_sweep(_user_overrides(argv))
-            print(f"[groupbench] grid of {n_jobs} runs validated", file=sys.stderr)
+            n_jobs, n_finished = validate_sweep(_user_overrides(argv))
+            done = f" ({n_finished} already finished)" if n_finished else ""
+            print(f"[groupbench] grid of {n_jobs} runs validated{done}", file=sys.stderr)
         sys.argv = [sys.argv[0], *argv]
         _hydra_main()
     except HydraException as exc:
@@ -89,4 +119,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the copy of this module imported under its own name rather than ``__main__``: submitit
+    # then pickles the task by reference (``eval.grid.run_one``), so a job imports this module,
+    # and its warning filter, before hydra composes the job's config.
+    from eval.grid import main as _main
+
+    _main()
