@@ -168,6 +168,10 @@ def _write_cache(path: str, arrays: dict[str, np.ndarray], fingerprint: str) -> 
         fd, tmp = tempfile.mkstemp(prefix=".groupbench_cache_", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, fingerprint=np.array(fingerprint), **arrays)
+            # Without the fsync a crash soon after the rename can leave the new name pointing at
+            # unwritten blocks: a cache that exists but is truncated.
+            f.flush()
+            os.fsync(f.fileno())
         # mkstemp creates the file private to its owner; others sharing the dataset should read it.
         os.chmod(tmp, 0o644)
         # Readers see either the old file or the complete new one, never a partial write.

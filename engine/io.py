@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import tempfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,21 +38,66 @@ class ResultsDirError(OSError):
     """The results directory cannot be created or written."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename (and fsync of the directory)."""
+RESULTS_DIR_HINT = "Choose a writable results_dir (e.g. results_dir=/tmp/groupbench-results)."
+
+
+def check_writable_dir(path: str | os.PathLike, *, hint: str = RESULTS_DIR_HINT) -> None:
+    """Raise ResultsDirError unless ``path`` is, or could be created as, a writable directory.
+
+    Nothing is created: the nearest existing ancestor must be a directory this process may write
+    into (a regular file in the way, a read-only mount or missing permissions all fail here, not
+    when the first checkpoint is written after an epoch of training).
+    """
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ResultsDirError(
+            f"cannot write {path}: {existing} is a file, not a directory. {hint}"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ResultsDirError(f"cannot write {path}: {existing} is not writable. {hint}")
+
+
+def _umask() -> int:
+    # Python has no getter: setting a umask returns the old one, which is then put back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path) -> int:
+    """The mode the written file should end with: the replaced file's, else what open() gives.
+
+    mkstemp creates its file 0600; renamed as it is, every record, checkpoint and plot would be
+    unreadable to the other users of a shared results directory.
+    """
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, *, hint: str = RESULTS_DIR_HINT
+) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename (and fsync of the directory).
+
+    The file keeps the mode of the file it replaces (a new one gets 0666 minus the umask).
+    ``hint`` ends the ResultsDirError raised when the directory cannot be written: what to change.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise ResultsDirError(
-            f"cannot write {path}: {exc.strerror or exc}. Choose a writable results_dir "
-            "(e.g. results_dir=/tmp/groupbench-results)."
-        ) from exc
+        raise ResultsDirError(f"cannot write {path}: {exc.strerror or exc}. {hint}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), _file_mode(path))
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -72,8 +118,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(
+    path: str | os.PathLike, text: str, *, hint: str = RESULTS_DIR_HINT
+) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), hint=hint)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -84,6 +132,25 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def torch_archive_problem(path: str | os.PathLike) -> str | None:
+    """Why the file at ``path`` is not an intact ``torch.save`` zip archive, or None if it is.
+
+    torch.load does not check the archive's CRC-32s: a flipped byte inside a tensor loads as a
+    silently different weight. Every member is checked here first; a truncated file fails to
+    open (its central directory is at the end).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        return f"not a complete torch archive ({exc}; truncated or not written by torch.save)"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if bad is not None:
+        return f"corrupt (archive member {bad} fails its CRC-32 check)"
+    return None
 
 
 def _json_default(obj: Any) -> Any:

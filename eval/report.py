@@ -17,6 +17,11 @@ Sections (markdown by default; ``--format csv|json`` gives the same tables as da
 - failed, unfinished and unreadable runs, never silently dropped;
 - plots (matplotlib PNGs next to the markdown): accuracy vs group size (and every other numeric
   swept key) with CI bars, k-NN accuracy vs k, training-loss curves.
+
+Every file the report writes goes through ``engine.io``'s atomic writer (temp file, fsync,
+rename): the plots, and the report itself with ``--output FILE``. Printing to stdout stays the
+default; a shell redirect into the file truncates it before the report starts, so an interrupted
+``> results/table.md`` leaves it empty where ``--output results/table.md`` leaves the old one.
 """
 
 from __future__ import annotations
@@ -680,7 +685,15 @@ def write_plots(report: Report, plots_dir: str | Path) -> None:
     from engine.io import atomic_write_bytes
 
     for name, data in report.plots.items():
-        atomic_write_bytes(Path(plots_dir) / name, data)
+        atomic_write_bytes(Path(plots_dir) / name, data, hint="Choose a writable --plots-dir.")
+
+
+def write_output(text: str, path: str | Path) -> None:
+    """The rendered report, atomically: a report killed mid-write leaves the previous file whole
+    (a shell redirect, ``> results/table.md``, truncates it before the report even starts)."""
+    from engine.io import atomic_write_text
+
+    atomic_write_text(path, text, hint="Choose a writable --output path.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -688,25 +701,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="results/runs", help="directory of run records")
     parser.add_argument("--format", default="markdown", choices=["markdown", "csv", "json"])
     parser.add_argument(
-        "--plots-dir", default="results",
-        help="where the PNG plots are written (the markdown links them by file name, so keep it "
-             "the directory of the markdown file); 'none' skips them",
+        "--output", "-o", default=None,
+        help="write the report to this file (atomically: temp file, fsync, rename) instead of "
+             "stdout; the plots then default to its directory",
+    )
+    parser.add_argument(
+        "--plots-dir", default=None,
+        help="where the PNG plots are written (default: the --output file's directory, else "
+             "results; the markdown links them by file name, so keep it the directory of the "
+             "markdown file); 'none' skips them",
     )
     args = parser.parse_args(argv)
     if not Path(args.runs).exists():
         print(f"error: no run records: {args.runs} does not exist; run `python -m eval.grid -m` "
               "first or pass --runs DIR", file=sys.stderr)
         sys.exit(2)
-    want_plots = args.plots_dir.lower() != "none" and args.format == "markdown"
+    plots_dir = args.plots_dir
+    if plots_dir is None:
+        plots_dir = str(Path(args.output).parent) if args.output else "results"
+    want_plots = plots_dir.lower() != "none" and args.format == "markdown"
     report = build_report(args.runs, plots=want_plots)
     if want_plots:
         try:
-            write_plots(report, args.plots_dir)
+            write_plots(report, plots_dir)
         except OSError as exc:
-            print(f"error: cannot write plots to {args.plots_dir}: {exc}", file=sys.stderr)
+            print(f"error: cannot write plots to {plots_dir}: {exc}", file=sys.stderr)
             sys.exit(2)
     command = DEFAULT_COMMAND if args.runs == "results/runs" else f"python -m eval.report --runs {args.runs}"
-    sys.stdout.write(render(report, args.format, command))
+    if args.output:
+        command = f"python -m eval.report --runs {args.runs} --output {args.output}"
+    text = render(report, args.format, command)
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        write_output(text, args.output)
+    except OSError as exc:
+        print(f"error: cannot write the report to {args.output}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

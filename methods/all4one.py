@@ -157,9 +157,15 @@ def feature_rms_loss(
             b = F.normalize(b.float(), dim=0, eps=COSINE_EPS)
             return a.T @ b
 
+        def rms(mean_square: torch.Tensor) -> torch.Tensor:
+            # d sqrt(x)/dx is infinite at x = 0 (e.g. no off-diagonal correlation at all), which
+            # would put NaN into every weight; below float32's smallest normal the gradient is 0
+            # instead, and every value from there up is the plain square root.
+            return mean_square.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+
         a, a2 = corr(m1, z2), corr(m2, z1)
-        on = (0.5 * ((a.diagonal() - 1).pow(2).mean() + (a2.diagonal() - 1).pow(2).mean())).sqrt()
-        off = (0.5 * (_off_diagonal(a).pow(2).mean() + _off_diagonal(a2).pow(2).mean())).sqrt()
+        on = rms(0.5 * ((a.diagonal() - 1).pow(2).mean() + (a2.diagonal() - 1).pow(2).mean()))
+        off = rms(0.5 * (_off_diagonal(a).pow(2).mean() + _off_diagonal(a2).pow(2).mean()))
         return scale * (0.5 * on + 0.5 * off)
 
 

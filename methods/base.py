@@ -55,6 +55,32 @@ def check_positive(where: str, value: float, *, allow_zero: bool = False) -> Non
         raise MethodConfigError(f"invalid {where}={value!r}; it must be {bound}")
 
 
+def check_matrices(
+    where: str, *, same_rows: bool = True, min_rows: int = 1, min_dim: int = 1,
+    **tensors: torch.Tensor,
+) -> tuple[int, int]:
+    """Raise ValueError unless every tensor is 2-D with one column count D >= ``min_dim`` and,
+    with ``same_rows``, one row count B >= ``min_rows``; return (B, D) of the first tensor.
+
+    The pure losses call this first: a mismatched or empty input would otherwise surface as a
+    matmul shape error deep inside the loss, or as a NaN from a mean over zero rows.
+    """
+    shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+    if any(not isinstance(t, torch.Tensor) or t.ndim != 2 for t in tensors.values()):
+        raise ValueError(f"{where}: every input must be a 2-D (rows, D) tensor, got {shapes}")
+    dims = {t.shape[1] for t in tensors.values()}
+    if len(dims) != 1 or min(dims) < min_dim:
+        raise ValueError(
+            f"{where}: inputs must share one embedding dimension D >= {min_dim}, got {shapes}"
+        )
+    if same_rows and len({t.shape[0] for t in tensors.values()}) != 1:
+        raise ValueError(f"{where}: inputs must have the same number of rows B, got {shapes}")
+    first = next(iter(tensors.values()))
+    if same_rows and first.shape[0] < min_rows:
+        raise ValueError(f"{where}: needs at least {min_rows} row(s) per input, got {shapes}")
+    return int(first.shape[0]), int(first.shape[1])
+
+
 class SSLMethod(nn.Module, abc.ABC):
     """Base class of every self-supervised method.
 

@@ -274,8 +274,9 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             )
         running_mean = self.running_mean.repeat(self.splits)
         running_var = self.running_var.repeat(self.splits)
+        # Folding the splits into channels needs NCHW order (a channels_last input is copied).
         out = F.batch_norm(
-            x.view(-1, c * self.splits, h, w),
+            x.contiguous().view(-1, c * self.splits, h, w),
             running_mean,
             running_var,
             None if self.weight is None else self.weight.repeat(self.splits),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from engine.config import ConfigError, resolve_run_config
 from engine.train import run, run_dir_for
+from eval.records import record_problem
 from tests.conftest import REPO
 
 CONFIG_DIR = str(REPO / "configs")
@@ -65,21 +69,49 @@ def one_epoch_record(tmp_path: Path, name: str, extra: list[str]) -> dict:
     return run(cfg)
 
 
+# What two runs of one config and seed may differ in: clocks, memory, and where they were written.
+VOLATILE = (
+    ("config", "results_dir"), ("train_seconds",), ("eval_seconds",), ("images_per_second",),
+    ("peak_memory_mb",), ("finished_at",),
+)
+VOLATILE_PER_EPOCH = ("seconds", "images_per_second")
+
+
+def reproducible_part(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without its VOLATILE fields: everything that must be bit-identical."""
+    out = copy.deepcopy(record)
+    for path in VOLATILE:
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    for epoch in out["history"]:
+        for key in VOLATILE_PER_EPOCH:
+            del epoch[key]
+    return out
+
+
 def test_same_seed_same_record_different_seed_differs(tmp_path):
-    first = one_epoch_record(tmp_path, "a", ["seed=3", "trainer.max_steps_per_epoch=3"])
-    second = one_epoch_record(tmp_path, "b", ["seed=3", "trainer.max_steps_per_epoch=3"])
-    other = one_epoch_record(tmp_path, "c", ["seed=4", "trainer.max_steps_per_epoch=3"])
-    assert first["metrics"] == second["metrics"]
-    assert first["history"][0]["loss"] == second["history"][0]["loss"]
-    assert first["history"][0]["loss"] != other["history"][0]["loss"]
-    record_file = Path(first["run_dir"] if "run_dir" in first else "") or None
-    assert record_file is not None
-    stored = json.loads((run_dir_for(first["config"]) / "record.json").read_text())
+    extra = ["trainer.max_steps_per_epoch=3"]
+    first = one_epoch_record(tmp_path, "a", ["seed=3", *extra])
+    second = one_epoch_record(tmp_path, "b", ["seed=3", *extra])
+    other = one_epoch_record(tmp_path, "c", ["seed=4", *extra])
+    # Compared as written to disk: JSON keeps every float to its last digit (repr round-trips).
+    stored = [json.loads((run_dir_for(r["config"]) / "record.json").read_text())
+              for r in (first, second, other)]
+    assert stored[0]["config"]["results_dir"] != stored[1]["config"]["results_dir"]
+    assert reproducible_part(stored[0]) == reproducible_part(stored[1])
+    assert stored[0]["metrics"] == stored[1]["metrics"] and stored[0]["correct"] == stored[1]["correct"]
+    assert stored[0]["history"][0]["loss"] == stored[1]["history"][0]["loss"]
+    # another seed is another run: other weights, other loss, another run directory
+    assert stored[0]["history"][0]["loss"] != stored[2]["history"][0]["loss"]
+    assert stored[0]["run_id"] != stored[2]["run_id"]
     for key in ("config", "seed", "method", "dataset", "backbone", "metrics", "train_seconds",
                 "images_per_second", "peak_memory_mb", "git_commit", "packages", "world_size"):
-        assert key in stored
-    assert stored["metrics"]["knn20_top1"] > 10.0  # far above nothing; chance is 10%
-    assert stored["packages"]["torch"] == torch.__version__.split("+")[0] or stored["packages"]["torch"]
+        assert key in stored[0]
+    assert record_problem(stored[0]) is None  # the report can read what the engine writes
+    assert stored[0]["metrics"]["knn20_top1"] > 10.0  # far above nothing; chance is 10%
+    assert stored[0]["packages"]["torch"] == torch.__version__.split("+")[0]
 
 
 def test_finished_run_is_skipped(tmp_path, capsys):
@@ -89,31 +121,146 @@ def test_finished_run_is_skipped(tmp_path, capsys):
     assert "skipping finished run" in capsys.readouterr().out
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    common = ["method=moco", "trainer.epochs=3", "trainer.max_steps_per_epoch=4", *FAST]
-    killed_dir = tmp_path / "killed"
-    args = [sys.executable, "-m", "eval.grid", f"results_dir={killed_dir}", *common]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    checkpoint = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(killed_dir.rglob("checkpoint.pt"))
-        if found:
-            checkpoint = found[0]
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            if state["epoch"] >= 1:
+# Run inside each killed process: marks named points of the run on stdout and, at the one named
+# by GROUPBENCH_KILL_AT, announces it and sleeps until the test sends SIGKILL. Points:
+# step:<epoch>:<step> (batch fetched, step not trained), write:<epoch> (the checkpoint's temp file
+# is written and fsynced, not yet renamed), saved:<epoch> (renamed), features / evaluate (final
+# evaluation: before feature extraction / after the feature cache is written).
+KILL_DRIVER = r"""
+import os, sys, time
+import torch
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # as tests/conftest.py: identical numerics
+import engine.distributed, engine.io, engine.train
+
+KILL_AT = os.environ["GROUPBENCH_KILL_AT"]
+pending = []
+
+def point(name):
+    if name == KILL_AT:
+        print(f"@kill {name}", flush=True)
+        time.sleep(600)
+
+real_epoch = engine.distributed.ShardedBatches.epoch
+def epoch(self, e):
+    for s, item in enumerate(real_epoch(self, e)):
+        point(f"step:{e + 1}:{s + 1}")
+        yield item
+engine.distributed.ShardedBatches.epoch = epoch
+
+real_replace = engine.io.os.replace
+def replace(src, dst):
+    if pending and str(dst).endswith("checkpoint.pt"):
+        point(pending[-1])
+    real_replace(src, dst)
+engine.io.os.replace = replace
+
+real_save = engine.train.atomic_torch_save
+def save(path, obj):
+    pending.append(f"write:{obj['epoch']}")
+    real_save(path, obj)
+    pending.clear()
+    point(f"saved:{obj['epoch']}")
+engine.train.atomic_torch_save = save
+
+real_features, real_evaluate = engine.train.cached_features, engine.train.evaluate_features
+def features(*args, **kwargs):
+    point("features")
+    return real_features(*args, **kwargs)
+def evaluate(*args, **kwargs):
+    point("evaluate")
+    return real_evaluate(*args, **kwargs)
+engine.train.cached_features, engine.train.evaluate_features = features, evaluate
+
+from eval.grid import main
+main(sys.argv[1:])
+"""
+EPOCHS, STEPS = 3, 2
+
+
+def kill_points(seed: int) -> list[tuple[str, int]]:
+    """Three kill moments in run order, drawn from ``seed``, each with the epoch the next
+    process must resume after: around an epoch's checkpoint, inside a later epoch, and during
+    the final evaluation."""
+    rng = random.Random(seed)
+    first = rng.randint(1, EPOCHS - 1)
+    kind = rng.choice(["write", "saved"])
+    resumes = first if kind == "saved" else first - 1  # a kill before the rename keeps the old one
+    mid_epoch = rng.randint(resumes + 1, EPOCHS)  # reached by the process that resumes after it
+    return [
+        (f"{kind}:{first}", resumes),
+        (f"step:{mid_epoch}:{rng.randint(1, STEPS)}", mid_epoch - 1),
+        (rng.choice(["features", "evaluate"]), EPOCHS),
+    ]
+
+
+def run_until_killed(args: list[str], env: dict[str, str], kill_at: str) -> str:
+    """Start the run, SIGKILL it once it reaches ``kill_at``; return what it printed."""
+    proc = subprocess.Popen(args, cwd=REPO, env={**env, "GROUPBENCH_KILL_AT": kill_at},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(240, proc.kill)  # a run that never gets there must not hang
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(f"@kill {kill_at}"):
                 proc.send_signal(signal.SIGKILL)
                 break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert checkpoint is not None and not (checkpoint.parent / "record.json").exists()
-    resumed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout
-    resumed_record = json.loads((checkpoint.parent / "record.json").read_text())
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.stdout.close()
+    output = "".join(lines)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {kill_at}:\n{output[-3000:]}"
+    return output
+
+
+def resumed_after(output: str) -> int:
+    """The epoch a process said it resumed after (0: it started from scratch)."""
+    marks = [line for line in output.splitlines() if "[groupbench] resuming" in line]
+    if not marks:
+        return 0
+    return int(marks[0].rsplit("after epoch ", 1)[1].split("/")[0])
+
+
+def test_resume_after_kills_at_several_points_matches_uninterrupted_run(tmp_path):
+    """kill -9 at three seeded moments, rerunning the same command after each: every rerun
+    resumes from the last checkpoint on disk (a write cut before its rename leaves the previous
+    one), and the last one ends with the metrics, loss history and per-image correctness of an
+    uninterrupted run."""
+    common = ["method=moco", f"trainer.epochs={EPOCHS}", f"trainer.max_steps_per_epoch={STEPS}",
+              "trainer.progress=false", "trainer.batch_size=32", "eval.linear=false"]
+    killed_dir = tmp_path / "killed"
+    args = [sys.executable, "-c", KILL_DRIVER, f"results_dir={killed_dir}", *common]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_dir = run_dir_for(resolve_run_config(compose_config([f"results_dir={killed_dir}", *common])))
+    checkpoint = run_dir / "checkpoint.pt"
+
+    # Seed 1 draws: during the write of epoch 1's checkpoint, in step 1 of epoch 2, in the final
+    # evaluation. GROUPBENCH_KILL_SEED draws other moments.
+    points = kill_points(seed=int(os.environ.get("GROUPBENCH_KILL_SEED", "1")))
+    expected_resume = 0
+    for kill_at, resumes in points:
+        output = run_until_killed(args, env, kill_at)
+        assert resumed_after(output) == expected_resume, (kill_at, output[-2000:])
+        assert not (run_dir / "record.json").exists()
+        if resumes:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            assert state["epoch"] == resumes, kill_at
+        else:
+            assert not checkpoint.exists(), kill_at
+        if kill_at.startswith("write:"):  # the temp file of the interrupted write is left over
+            assert list(run_dir.glob(".checkpoint.pt.*.tmp")), kill_at
+        expected_resume = resumes
+
+    final = subprocess.run(args, cwd=REPO, env={**env, "GROUPBENCH_KILL_AT": "never"},
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert resumed_after(final.stdout) == EPOCHS
+    resumed = json.loads((run_dir / "record.json").read_text())
     straight = run(compose_config([f"results_dir={tmp_path / 'straight'}", *common]))
-    assert resumed_record["metrics"] == straight["metrics"]
-    assert [h["loss"] for h in resumed_record["history"]] == [h["loss"] for h in straight["history"]]
+    assert resumed["status"] == "finished" and resumed["resumed_from"][-1] == EPOCHS
+    assert straight["resumed_from"] == []
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["correct"] == straight["correct"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]

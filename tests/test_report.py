@@ -154,3 +154,63 @@ def test_group_size_plot_for_topk_sweep(tmp_path):
     report = build_report(runs)
     assert "accuracy_vs_group_size.png" in report.plots
     assert "![method.topk_neg](accuracy_vs_group_size.png)" in render(report, "markdown")
+
+
+def test_every_report_output_goes_through_the_atomic_writer(runs, tmp_path, capsys, monkeypatch):
+    import engine.io
+
+    main(["--runs", str(runs), "--plots-dir", str(tmp_path / "elsewhere")])
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    written = []
+    real_write = engine.io.atomic_write_bytes
+
+    def spy(path, data, **kwargs):
+        written.append(Path(path))
+        real_write(path, data, **kwargs)
+
+    monkeypatch.setattr(engine.io, "atomic_write_bytes", spy)
+    main(["--runs", str(runs), "--output", str(out / "table.md")])
+    assert capsys.readouterr().out == ""  # the report went to the file, not to stdout
+    files = sorted(p for p in out.iterdir())
+    assert sorted(written) == files  # the markdown and every plot, each through the writer
+    assert {p.name for p in files} >= {"table.md", "knn_vs_k.png", "training_loss.png"}
+    command = f"python -m eval.report --runs {runs}"
+    assert (out / "table.md").read_text() == printed.replace(
+        f"`{command}`", f"`{command} --output {out / 'table.md'}`")
+    # --format outputs too, byte for byte what stdout would get
+    main(["--runs", str(runs), "--format", "csv"])
+    csv_printed = capsys.readouterr().out
+    main(["--runs", str(runs), "--format", "csv", "--output", str(out / "table.csv")])
+    assert written[-1] == out / "table.csv"
+    assert (out / "table.csv").read_text() == csv_printed
+    main(["--runs", str(runs), "--format", "json", "--output", str(out / "table.json")])
+    assert set(json.loads((out / "table.json").read_text())) >= {"main", "deltas", "problems"}
+
+
+def test_interrupted_report_write_keeps_the_previous_files(runs, tmp_path, capsys, monkeypatch):
+    import engine.io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "table.md").write_text("previous report\n")
+    (out / "knn_vs_k.png").write_bytes(b"previous plot")
+    real_replace = engine.io.os.replace
+
+    def crash(src, dst):  # as if the process died between writing the temp file and the rename
+        if Path(dst).parent == out:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(engine.io.os, "replace", crash)
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--runs", str(runs), "--output", str(out / "table.md")])
+    assert exit_code.value.code == 2
+    assert f"cannot write plots to {out}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--runs", str(runs), "--plots-dir", "none", "--output", str(out / "table.md")])
+    assert f"cannot write the report to {out / 'table.md'}" in capsys.readouterr().err
+    assert (out / "table.md").read_text() == "previous report\n"
+    assert (out / "knn_vs_k.png").read_bytes() == b"previous plot"
+    assert sorted(p.name for p in out.iterdir()) == ["knn_vs_k.png", "table.md"]  # no temp files
+
