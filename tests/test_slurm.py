@@ -223,12 +223,12 @@ def test_failed_run_is_recorded_and_a_resubmission_reruns_only_it(tmp_path):
     first = run_cli(args, timeout=600)
     assert first.returncode != 0
     failed = json.loads((broken / "record.json").read_text())
-    assert failed["status"] == "failed" and "unreadable" in failed["error"]
+    assert failed["status"] == "failed" and "not a complete torch archive" in failed["error"]
     assert failed["job"]["id"] and failed["seed"] == 1
     problems = load_records(tmp_path / "runs").problems
     [problem] = problems
     assert problem.status == "failed" and problem.job_id == failed["job"]["id"]
-    assert problem.log_tail and "unreadable" in problem.log_tail
+    assert problem.log_tail and "not a complete torch archive" in problem.log_tail
     report = run_cli(["eval.report", "--runs", str(tmp_path / "runs"), "--plots-dir", "none"])
     assert report.returncode == 0, report.stderr[-2000:]
     assert "failed" in report.stdout and failed["job"]["id"] in report.stdout
