@@ -59,8 +59,10 @@ def test_grid_then_report_end_to_end(tmp_path):
     assert {(r["method"], r["seed"]) for r in records} == {
         ("simclr", 0), ("simclr", 1), ("moco", 0), ("moco", 1)
     }
-    report = run_cli(["eval.report", "--runs", str(tmp_path / "runs")])
+    # Plots go to tmp_path: the default (results/) is the repository's committed report.
+    report = run_cli(["eval.report", "--runs", str(tmp_path / "runs"), "--plots-dir", str(tmp_path)])
     assert report.returncode == 0, report.stderr
+    assert (tmp_path / "knn_vs_k.png").exists()
     main_section = report.stdout.split("## Main table", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in main_section.splitlines() if line.startswith("| digits")]
     assert len(rows) == 2
