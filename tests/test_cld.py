@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -13,7 +12,6 @@ from torch import nn
 from methods import MethodConfigError, build_method
 from methods.blocks import spherical_kmeans
 from methods.cld import cld_loss, cross_level_cross_entropy, cross_level_discrimination
-from tests.conftest import run_cli
 
 
 class TinyBackbone(nn.Module):
@@ -349,28 +347,6 @@ def test_config_errors_list_valid_values():
         build_method("cld", TinyBackbone(), clusters=0)
     with pytest.raises(MethodConfigError, match="cld_lambda"):
         build_method("cld", TinyBackbone(), cld_lambda=-1.0)
-
-
-@pytest.mark.slow
-def test_cld_trains_one_epoch_on_digits_through_the_cli(tmp_path):
-    result = run_cli(
-        [
-            "eval.grid",
-            "method=cld",
-            "trainer.epochs=1",
-            "trainer.progress=false",
-            "trainer.max_steps_per_epoch=2",
-            f"results_dir={tmp_path}",
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = list((tmp_path / "runs").rglob("record.json"))
-    record = json.loads(path.read_text())
-    assert record["status"] == "finished" and record["method"] == "cld"
-    assert record["config"]["method"]["clusters"] == 200
-    assert record["config"]["method"]["queue_size"] == 1024
-    assert all(math.isfinite(v) for v in record["metrics"].values() if isinstance(v, float))
-    assert all(math.isfinite(h["loss"]) for h in record["history"])
 
 
 def test_kmeans_shortlist_is_exact_under_reduced_matmul_precision(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,31 @@ def test_grid_then_report_end_to_end(tmp_path):
 def test_report_without_records_says_so(tmp_path):
     result = run_cli(["eval.report", "--runs", str(Path(tmp_path) / "nothing")])
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+# Per-method settings the digits preset must resolve to (spec recipes.md §6).
+DIGITS_SETTINGS = {
+    "ascl": {"queue_size": 1024, "bn_splits": 8},
+    "cld": {"queue_size": 1024, "clusters": 200},
+    "nnclr": {"queue_size": 1024},
+    "all4one": {"queue_size": 1024},
+    "moco": {"queue_size": 1024},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_one_epoch_on_digits_through_the_cli(tmp_path, name):
+    result = run_cli(["eval.grid", f"method={name}", "trainer.epochs=1", "trainer.progress=false",
+                      "trainer.max_steps_per_epoch=2", f"results_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = list((tmp_path / "runs" / "digits").rglob("record.json"))
+    record = json.loads(path.read_text())
+    assert record["status"] == "finished" and record["method"] == name
+    for key, value in DIGITS_SETTINGS.get(name, {}).items():
+        assert record["config"]["method"][key] == value, key
+    scores = {k: v for k, v in record["metrics"].items() if k.endswith(("_top1", "_top5"))}
+    assert {"knn20_top1", "linear_top1"} <= set(scores)
+    assert all(math.isfinite(v) and 0 <= v <= 100 for v in scores.values())
+    assert all(math.isfinite(v) for v in record["metrics"].values() if isinstance(v, float))
+    assert all(math.isfinite(h["loss"]) for h in record["history"])
