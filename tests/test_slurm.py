@@ -61,6 +61,25 @@ def _records(results: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("record.json"))]
 
 
+# submitit hands back a task's result as soon as the task has pickled it, while SLURM still
+# counts the task as RUNNING until its batch script exits; wait for the accounting to settle.
+_UNSETTLED = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def _accounted_states(job_id: str, settle_s: float = 60.0) -> list[str] | None:
+    """Final sacct states of every task of ``job_id``; None when no accounting answers."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        states = [s.split()[0] for s in out.stdout.split("\n") if s.strip()]
+        if not _UNSETTLED.intersection(states) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
 def _require_partitions(*names: str) -> None:
     missing = [n for n in names if n not in PARTITIONS]
     if missing:
@@ -97,10 +116,9 @@ def test_grid_runs_as_one_job_array(tmp_path, capsys):
     text = script.read_text()
     assert "#SBATCH --partition=debug" in text and "#SBATCH --array=0-3" in text
     assert all(Path(r["job"]["stdout"]).exists() for r in records)
-    accounted = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array_id, "-o", "State"],
-                               capture_output=True, text=True, timeout=30)
-    if accounted.returncode == 0 and accounted.stdout.strip():
-        assert set(accounted.stdout.split()) == {"COMPLETED"}, accounted.stdout
+    states = _accounted_states(array_id)
+    if states is not None:
+        assert set(states) == {"COMPLETED"}, states
     report = run_cli(["eval.report", "--runs", str(tmp_path / "runs"), "--plots-dir", "none"])
     assert report.returncode == 0, report.stderr[-3000:]
     rows = [line for line in report.stdout.splitlines() if line.startswith("| digits")]
