@@ -30,6 +30,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def compose_config(overrides: list[str]):
+    """The run config that ``python -m eval.train <overrides>`` composes (not yet resolved)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """Run ``python -m <args>`` from the repository root and return the CompletedProcess."""
     import subprocess

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from engine.config import resolve_run_config
@@ -24,7 +23,7 @@ from methods.all4one import (
 )
 from methods.blocks import momentum_at
 from methods.nnclr import nnclr_loss, support_neighbours
-from tests.conftest import REPO
+from tests.conftest import compose_config
 
 
 class TinyBackbone(nn.Module):
@@ -364,11 +363,8 @@ def test_batch_checks_name_the_numbers():
 
 
 def test_preset_yaml_matches_spec():
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        digits = resolve_run_config(compose("config", overrides=["method=all4one"]))
-        in100 = resolve_run_config(
-            compose("config", overrides=["method=all4one", "dataset=imagenet100"])
-        )
+    digits = resolve_run_config(compose_config(["method=all4one"]))
+    in100 = resolve_run_config(compose_config(["method=all4one", "dataset=imagenet100"]))
     method = digits["method"]
     assert method["queue_size"] == 1024 and in100["method"]["queue_size"] == 98304
     assert method["base"] == "nnclr/solo"

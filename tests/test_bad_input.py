@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from PIL import Image
 
@@ -29,16 +28,10 @@ from eval import report
 from eval.knn import knn_top1
 from methods import MethodConfigError, build_method
 from methods.simclr import SimCLR
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_config
 
-CONFIG_DIR = str(REPO / "configs")
 FAST = ["trainer.progress=false", "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
         "eval.linear=false"]
-
-
-def cfg(overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 # (overrides, exception, substrings every message must contain)
@@ -87,14 +80,14 @@ RESOLVE_CASES = [
 @pytest.mark.parametrize("overrides,error,needles", RESOLVE_CASES)
 def test_bad_config_values(overrides, error, needles):
     with pytest.raises(error) as err:
-        resolve_run_config(cfg(overrides))
+        resolve_run_config(compose_config(overrides))
     for needle in needles:
         assert needle in str(err.value)
 
 
 def test_misspelt_key_is_refused_by_struct_mode():
     with pytest.raises(ConfigCompositionException) as err:
-        cfg(["trainer.epochz=2"])
+        compose_config(["trainer.epochz=2"])
     # hydra names the key; what is valid comes from resolve_run_config once it is appended
     assert "trainer.epochz" in str(err.value)
     assert "Key 'epochz' is not in struct" in str(err.value.__cause__)
@@ -107,7 +100,7 @@ def test_misspelt_key_is_refused_by_struct_mode():
 ])
 def test_unknown_config_group_option(group, bad, valid):
     with pytest.raises(MissingConfigException) as err:
-        cfg([f"{group}={bad}"])
+        compose_config([f"{group}={bad}"])
     message = str(err.value)
     assert f"Could not find '{group}/{bad}'" in message
     for name in valid:
@@ -147,7 +140,7 @@ RUN_CASES = [
 @pytest.mark.parametrize("overrides,error,needles", RUN_CASES)
 def test_bad_runs_fail_before_training(tmp_path, overrides, error, needles):
     with pytest.raises(error) as err:
-        run(cfg([f"results_dir={tmp_path}", *FAST, *overrides]))
+        run(compose_config([f"results_dir={tmp_path}", *FAST, *overrides]))
     for needle in needles:
         assert needle in str(err.value)
     assert not list(tmp_path.rglob("checkpoint.pt"))
@@ -157,7 +150,7 @@ def test_queue_larger_than_the_dataset_is_allowed_for_support_sets():
     """NNCLR's and All4One's queues hold neighbours, not negatives: solo-learn runs them larger
     than CIFAR (spec nnclr.md §4, all4one.md F3), and ``exclude_self`` is the clean fix."""
     for name in ("nnclr", "all4one"):
-        config = resolve_run_config(cfg([f"method={name}", "method.queue_size=2048"]))
+        config = resolve_run_config(compose_config([f"method={name}", "method.queue_size=2048"]))
         backbone = build_backbone("test_resnet", in_chans=1, stem="lowres_pool", image_size=16)
         method = build_method(name, backbone, **method_options(config["method"]))
         method.check_batch(256, 1437)  # no error: 2048 > 1437 is the documented quirk
@@ -167,7 +160,7 @@ def test_queue_larger_than_the_dataset_is_allowed_for_support_sets():
 
 def dataset_error(tmp_path: Path, name: str, root: Path) -> str:
     with pytest.raises(DatasetError) as err:
-        run(cfg([f"results_dir={tmp_path / 'results'}", *FAST, f"dataset={name}",
+        run(compose_config([f"results_dir={tmp_path / 'results'}", *FAST, f"dataset={name}",
                  f"dataset.root={root}"]))
     assert not list((tmp_path / "results").rglob("checkpoint.pt"))
     return str(err.value)
@@ -217,7 +210,7 @@ def test_imagenet100_folder_missing_classes(tmp_path):
 
 
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
-    config = cfg([f"results_dir={tmp_path}", *FAST])
+    config = compose_config([f"results_dir={tmp_path}", *FAST])
     run_dir = run_dir_for(resolve_run_config(config))
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
@@ -226,7 +219,7 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     assert str(run_dir / "checkpoint.pt") in str(err.value)
     assert "trainer.resume=false" in str(err.value)
     # asked to start over, it trains and replaces the checkpoint
-    record = run(cfg([f"results_dir={tmp_path}", *FAST, "trainer.resume=false"]))
+    record = run(compose_config([f"results_dir={tmp_path}", *FAST, "trainer.resume=false"]))
     assert record["status"] == "finished"
 
 
@@ -239,8 +232,8 @@ def trained_checkpoint(tmp_path_factory) -> bytes:
     """A real two-epoch checkpoint of the CKPT config."""
     results = tmp_path_factory.mktemp("trained")
     overrides = [f"results_dir={results}", *CKPT]
-    run(cfg(overrides))
-    return (run_dir_for(resolve_run_config(cfg(overrides))) / "checkpoint.pt").read_bytes()
+    run(compose_config(overrides))
+    return (run_dir_for(resolve_run_config(compose_config(overrides))) / "checkpoint.pt").read_bytes()
 
 
 def _flip_inside_largest_tensor(data: bytes) -> bytes:
@@ -288,13 +281,13 @@ def _edited_to_list() -> bytes:
 def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, trained_checkpoint, damage,
                                                        needles):
     overrides = [f"results_dir={tmp_path}", *CKPT]
-    run_dir = run_dir_for(resolve_run_config(cfg(overrides)))
+    run_dir = run_dir_for(resolve_run_config(compose_config(overrides)))
     run_dir.mkdir(parents=True)
     damaged = damage(trained_checkpoint)
     assert damaged != trained_checkpoint
     (run_dir / "checkpoint.pt").write_bytes(damaged)
     with pytest.raises(TrainingError) as err:
-        run(cfg(overrides))
+        run(compose_config(overrides))
     message = str(err.value)
     assert f"checkpoint {run_dir / 'checkpoint.pt'} " in message
     assert "trainer.resume=false" in message
@@ -309,10 +302,10 @@ def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, trained_checkpo
 def test_intact_checkpoint_resumes(tmp_path, trained_checkpoint, capsys):
     """The control for the damage cases: the same bytes undamaged are accepted."""
     overrides = [f"results_dir={tmp_path}", *CKPT]
-    run_dir = run_dir_for(resolve_run_config(cfg(overrides)))
+    run_dir = run_dir_for(resolve_run_config(compose_config(overrides)))
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(trained_checkpoint)
-    record = run(cfg(overrides))
+    record = run(compose_config(overrides))
     assert record["status"] == "finished" and record["resumed_from"] == [2]
     assert "resuming" in capsys.readouterr().out
 
@@ -331,9 +324,9 @@ def test_non_finite_loss_stops_at_once_keeping_the_last_checkpoint(tmp_path, mon
     monkeypatch.setattr(SimCLR, "training_step", step)
     overrides = [f"results_dir={tmp_path}", *FAST, "trainer.epochs=3",
                  "trainer.max_steps_per_epoch=3", "trainer.batch_size=64"]
-    run_dir = run_dir_for(resolve_run_config(cfg(overrides)))
+    run_dir = run_dir_for(resolve_run_config(compose_config(overrides)))
     with pytest.raises(TrainingError) as err:
-        run(cfg(overrides))
+        run(compose_config(overrides))
     message = str(err.value)
     assert "non-finite loss nan in method simclr (preset solo)" in message
     assert "at epoch 2, step 2" in message
@@ -409,11 +402,11 @@ def test_unwritable_results_directory(tmp_path):
     blocker.write_text("not a directory")
     # refused while the config is resolved, i.e. before a grid's first run trains an epoch
     with pytest.raises(ResultsDirError) as err:
-        resolve_run_config(cfg([f"results_dir={blocker}/results", *FAST]))
+        resolve_run_config(compose_config([f"results_dir={blocker}/results", *FAST]))
     assert f"cannot write {blocker / 'results'}: {blocker} is a file" in str(err.value)
     assert "Choose a writable results_dir" in str(err.value)
     with pytest.raises(ResultsDirError, match="is a file, not a directory"):
-        run(cfg([f"results_dir={blocker}/results", *FAST]))
+        run(compose_config([f"results_dir={blocker}/results", *FAST]))
 
 
 def test_knn_k_larger_than_bank():
@@ -471,19 +464,19 @@ def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(tmp_path, 
 
     monkeypatch.setattr(SimCLR, "training_step", step)
     with pytest.raises(TrainingError) as err:
-        run(cfg([f"results_dir={tmp_path}", *FAST, "trainer.batch_size=64"]))
+        run(compose_config([f"results_dir={tmp_path}", *FAST, "trainer.batch_size=64"]))
     assert "at epoch 1, step 1; no checkpoint had been written yet" in str(err.value)
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_file(tmp_path, trained_checkpoint):
     overrides = [f"results_dir={tmp_path}", *CKPT]
-    run_dir = run_dir_for(resolve_run_config(cfg(overrides)))
+    run_dir = run_dir_for(resolve_run_config(compose_config(overrides)))
     run_dir.mkdir(parents=True)
     state = torch.load(io.BytesIO(trained_checkpoint), map_location="cpu", weights_only=False)
     state["method"] = {k: v[..., :1] if v.ndim else v for k, v in state["method"].items()}
     torch.save(state, run_dir / "checkpoint.pt")
     with pytest.raises(TrainingError) as err:
-        run(cfg(overrides))
+        run(compose_config(overrides))
     message = str(err.value)
     assert f"checkpoint {run_dir / 'checkpoint.pt'} does not fit this run's model" in message
     assert "trainer.resume=false" in message

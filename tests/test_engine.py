@@ -15,20 +15,13 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from engine.config import ConfigError, resolve_run_config
 from engine.train import run, run_dir_for
 from eval.records import record_problem
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_config
 
-CONFIG_DIR = str(REPO / "configs")
 FAST = ["trainer.progress=false", "trainer.batch_size=128", "eval.linear=false"]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def test_resolution_fills_dataset_defaults_and_method_auto():

@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from engine.config import resolve_run_config
 from methods import MethodConfigError, build_method
 from methods.blocks import FeatureQueue
 from methods.nnclr import nn_infonce, nnclr_loss, support_neighbours
-from tests.conftest import REPO
+from tests.conftest import compose_config
 
 
 class TinyBackbone(nn.Module):
@@ -300,11 +299,8 @@ def test_invalid_options_list_valid_values():
 
 # --------------------------------------------------------------------------------- configs
 def test_preset_yaml_matches_spec():
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        digits = resolve_run_config(compose("config", overrides=["method=nnclr"]))
-        cifar = resolve_run_config(
-            compose("config", overrides=["method=nnclr", "dataset=cifar10"])
-        )
+    digits = resolve_run_config(compose_config(["method=nnclr"]))
+    cifar = resolve_run_config(compose_config(["method=nnclr", "dataset=cifar10"]))
     method = digits["method"]
     assert method["queue_size"] == 1024 and cifar["method"]["queue_size"] == 65536
     assert method["base"] == "simclr/solo" and method["preset"] == "solo"

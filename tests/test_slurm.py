@@ -27,9 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, compose_config, run_cli
 
 TINY = [
     "dataset=digits", "trainer.progress=false", "trainer.batch_size=64", "eval.linear=false",
@@ -175,9 +174,7 @@ def test_preempted_run_requeues_and_resumes_to_the_same_result(tmp_path):
         assert preemptor.returncode == 0, preemptor.stderr
         # the uninterrupted reference, meanwhile, in this process (2 threads, as the job)
         torch.set_num_threads(2)
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            reference = run(compose("config", overrides=[f"results_dir={tmp_path / 'straight'}",
-                                                         *PREEMPTED_RUN]))
+        reference = run(compose_config([f"results_dir={tmp_path / 'straight'}", *PREEMPTED_RUN]))
         output, _ = grid.communicate(timeout=600)
     finally:
         if grid.poll() is None:
@@ -231,9 +228,8 @@ def test_failed_run_is_recorded_and_a_resubmission_reruns_only_it(tmp_path):
     args = ["eval.grid", "-m", "method=simclr", "seed=0,1", f"results_dir={tmp_path}",
             "trainer.epochs=1", "trainer.max_steps_per_epoch=2", *TINY,
             "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[a for a in args[3:] if not a.startswith("hydra")
-                                           and not a.startswith("seed")] + ["seed=1"])
+    cfg = compose_config([a for a in args[3:] if not a.startswith("hydra")
+                          and not a.startswith("seed")] + ["seed=1"])
     broken = run_dir_for(resolve_run_config(cfg))
     broken.mkdir(parents=True)
     (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")  # seed 1 fails when it resumes

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-from hydra import compose, initialize_config_dir
 
 import datasets
 import engine.train as train
@@ -35,9 +34,8 @@ from engine.train import (
     to_channels_last,
 )
 from methods import build_method
-from tests.conftest import REPO
+from tests.conftest import compose_config
 
-CONFIG_DIR = str(REPO / "configs")
 FAST = ["trainer.progress=false", "trainer.batch_size=128", "eval.linear=false"]
 # Three optimiser steps. Rounding differences grow ~10x per step at these learning rates (1e-7,
 # 5e-6, 4e-5, 1e-3 relative at steps 2-5 with channels_last on vs off), so the 1e-4 tolerance on
@@ -45,11 +43,6 @@ FAST = ["trainer.progress=false", "trainer.batch_size=128", "eval.linear=false"]
 SHORT = ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", *FAST]
 CPU = torch.device("cpu")
 LOSS_RTOL = 1e-4
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def short_run(results: Path, extra: list[str]) -> dict:
