@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from engine.config import resolve_run_config
 from engine.optim import OptimizerSettings, build_optimizer
@@ -24,20 +23,7 @@ from methods.all4one import (
 from methods.blocks import momentum_at
 from methods.nnclr import nnclr_loss, support_neighbours
 from tests.conftest import compose_config
-
-
-class TinyBackbone(nn.Module):
-    """A linear 'backbone' with BN: enough to exercise heads, EMA, queue and gradients."""
-
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
+from tests.tiny import TinyBackbone, tiny_batch
 
 SMALL = {
     "queue_size": 16, "proj_hidden_dim": 16, "proj_output_dim": 8, "pred_hidden_dim": 16,
@@ -48,12 +34,6 @@ SMALL = {
 def small_all4one(**options) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_method("all4one", TinyBackbone(), **{**SMALL, **options})
-
-
-def batch(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    views = [torch.randn(n, 3, 4, 4, generator=generator) for _ in range(2)]
-    return views, torch.arange(n) + 100 * seed
 
 
 def heads(method, views):
@@ -184,7 +164,7 @@ def test_feature_loss_runs_in_float32_under_autocast():
 # ------------------------------------------------------------------------------ the step
 def test_transformer_calls_order_and_inputs():
     method = small_all4one()
-    views, indices = batch(8, seed=0)
+    views, indices = tiny_batch(8, seed=0)
     z, p, c, m = heads(method, views)
     nn1, _ = support_neighbours(m[0], method.queue, 5)
     nn2, _ = support_neighbours(m[1], method.queue, 5)
@@ -202,7 +182,7 @@ def test_transformer_calls_order_and_inputs():
 
 def test_loss_is_weighted_sum_of_terms_and_nn_term_is_nnclr():
     method = small_all4one()
-    views, indices = batch(8, seed=0)
+    views, indices = tiny_batch(8, seed=0)
     z, p, c, m = heads(method, views)
     nn1, _ = support_neighbours(m[0], method.queue, 1)
     nn2, _ = support_neighbours(m[1], method.queue, 1)
@@ -218,7 +198,7 @@ def test_loss_is_weighted_sum_of_terms_and_nn_term_is_nnclr():
 @pytest.mark.parametrize("nn_source", ["momentum", "online"])
 def test_gradients_follow_the_stop_gradients(nn_source):
     method = small_all4one(nn_source=nn_source)
-    views, indices = batch(8, seed=0)
+    views, indices = tiny_batch(8, seed=0)
     z, p, c, m = heads(method, views)
     leaves = [t.detach().requires_grad_() for t in (*z, *p, *c)]
     z_l, p_l, c_l = leaves[:2], leaves[2:4], leaves[4:]
@@ -235,7 +215,7 @@ def test_gradients_follow_the_stop_gradients(nn_source):
 
 def test_training_step_gradients_reach_online_modules_only():
     method = small_all4one()
-    out = method.training_step(*batch(8, seed=0))
+    out = method.training_step(*tiny_batch(8, seed=0))
     out["loss"].backward()
     for name, param in method.named_parameters():
         if name.startswith("momentum_encoder."):
@@ -272,7 +252,7 @@ def test_queue_holds_view1_momentum_embeddings_after_three_steps():
     method = small_all4one()
     pushed = []
     for step in range(3):
-        views, indices = batch(8, seed=step)
+        views, indices = tiny_batch(8, seed=step)
         method.training_step(views, indices)
         with torch.no_grad():
             pushed.append(F.normalize(method.momentum_encoder(views[0]), dim=1))
@@ -286,7 +266,7 @@ def test_queue_holds_view1_momentum_embeddings_after_three_steps():
 def test_empty_queue_partial_fill_and_exclude_self():
     for exclude in (False, True):
         method = small_all4one(queue_init="empty", exclude_self=exclude)
-        views, indices = batch(8, seed=0)
+        views, indices = tiny_batch(8, seed=0)
         first = method.training_step(views, indices)  # support set: the batch itself
         assert torch.isfinite(first["loss"])
         assert first["nn_self_rate"].item() == (0.0 if exclude else 1.0)
@@ -301,7 +281,7 @@ def test_empty_queue_partial_fill_and_exclude_self():
 def test_batch_permutation_leaves_loss_unchanged():
     method = small_all4one(transformer_dropout=0.0)
     twin = copy.deepcopy(method)
-    views, indices = batch(8, seed=4)
+    views, indices = tiny_batch(8, seed=4)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     loss = method.training_step(views, indices)["loss"]
     permuted = twin.training_step([v[perm] for v in views], indices[perm])["loss"]
@@ -309,7 +289,7 @@ def test_batch_permutation_leaves_loss_unchanged():
 
 
 def test_options_change_what_they_should():
-    views, indices = batch(8, seed=5)
+    views, indices = tiny_batch(8, seed=5)
     base = small_all4one(transformer_dropout=0.0).training_step(views, indices)
     global_stats = small_all4one(transformer_dropout=0.0, feature_stats="global")
     assert global_stats.training_step(views, indices)["loss"].item() == pytest.approx(

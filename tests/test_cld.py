@@ -7,29 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods import MethodConfigError, build_method
 from methods.blocks import spherical_kmeans
 from methods.cld import cld_loss, cross_level_cross_entropy, cross_level_discrimination
-
-
-class TinyBackbone(nn.Module):
-    """A linear 'backbone' with BN: enough for heads, EMA, queue and clustering."""
-
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def images(n: int, views: int = 3, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 4, 4, generator=generator) for _ in range(views)]
+from tests.tiny import TinyBackbone, tiny_views
 
 
 def reference_kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +184,7 @@ def small_cld(**options) -> torch.nn.Module:
 def test_step_grads_reach_online_heads_and_not_the_key_encoder():
     torch.manual_seed(0)
     method = small_cld()
-    out = method.training_step(images(4), torch.arange(4))
+    out = method.training_step(tiny_views(4, views=3), torch.arange(4))
     assert set(out) == {"loss", "loss_instance", "loss_cld", "cld_accuracy", "clusters_used"}
     assert all(not v.requires_grad for k, v in out.items() if k != "loss")
     assert out["loss"].item() == pytest.approx(
@@ -220,7 +202,7 @@ def test_queue_and_ema_after_optimizer_steps():
     method = small_cld(momentum=0.5)  # default ema_timing=after_step (CLD CIFAR code)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
     for step in range(2):
-        views = images(4, seed=step)
+        views = tiny_views(4, views=3, seed=step)
         with torch.no_grad():
             keys = F.normalize(method.key_encoder(views[2]), dim=1)
         online = [p.detach().clone() for p in method.online.parameters()]
@@ -262,7 +244,7 @@ def test_lambda_zero_is_moco_cld_base_step_for_step():
         optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
         losses[name] = []
         for step in range(3):
-            out = method.training_step(images(4, seed=step), torch.arange(4))
+            out = method.training_step(tiny_views(4, views=3, seed=step), torch.arange(4))
             optimizer.zero_grad()
             out["loss"].backward()
             optimizer.step()
@@ -282,13 +264,13 @@ def test_variants_train_a_step():
         {"kmeans_scope": "local"},
     ):
         method = small_cld(**options)
-        views = images(4, views=len(method.view_kinds()))
+        views = tiny_views(4, views=len(method.view_kinds()))
         out = method.training_step(views, torch.arange(4))
         out["loss"].backward()
         method.after_optimizer_step(0, 1)
         assert torch.isfinite(out["loss"]), options
     symmetric = small_cld(views=2, direction="symmetric")
-    symmetric.training_step(images(4, views=2), torch.arange(4))
+    symmetric.training_step(tiny_views(4, views=2), torch.arange(4))
     assert int(symmetric.queue.pointer) == 0  # both key batches: 2 × 4 rows into a queue of 8
     simclr = small_cld(base_loss="simclr", views=2)
     assert simclr.key_encoder is None and simclr.queue is None
@@ -302,7 +284,7 @@ def test_random_kmeans_init_reproducible_from_global_seed():
         torch.manual_seed(3)
         method = small_cld(kmeans_init="random")
         torch.manual_seed(11)  # the engine reseeds the global RNG per epoch
-        losses.append(method.training_step(images(6), torch.arange(6))["loss"].item())
+        losses.append(method.training_step(tiny_views(6, views=3), torch.arange(6))["loss"].item())
     assert losses[0] == losses[1]
 
 
@@ -310,7 +292,7 @@ def test_partial_last_batch_with_fewer_images_than_clusters_still_trains():
     method = small_cld(clusters=6)
     method.check_batch(8, 100)
     # 5 images < 6 clusters (the official loader's last batch): every point is its own cluster
-    out = method.training_step(images(5), torch.arange(5))
+    out = method.training_step(tiny_views(5, views=3), torch.arange(5))
     assert torch.isfinite(out["loss"]) and out["clusters_used"].item() == 5.0
     out["loss"].backward()
 
@@ -318,7 +300,7 @@ def test_partial_last_batch_with_fewer_images_than_clusters_still_trains():
 def test_loss_is_float32_under_autocast():
     method = small_cld()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = method.training_step(images(4), torch.arange(4))
+        out = method.training_step(tiny_views(4, views=3), torch.arange(4))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
 
 

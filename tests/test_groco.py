@@ -16,6 +16,7 @@ from torch import nn
 from methods import MethodConfigError, build_method
 from methods.groco import groco_loss, group_ordering_loss
 from tests.conftest import run_cli
+from tests.tiny import TinyBackbone
 
 BACKENDS = ("group_sum", "columns", "diffsort")
 
@@ -222,17 +223,6 @@ def test_shapes_are_checked():
 
 
 # ------------------------------------------------------------------------------- method
-class TinyBackbone(nn.Module):
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def test_method_heads_views_and_gradients():
     torch.manual_seed(0)
     method = build_method("groco", TinyBackbone(), proj_output_dim=16)

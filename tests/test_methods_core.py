@@ -14,19 +14,7 @@ from methods import MethodConfigError, build_method, list_methods
 from methods.blocks import FeatureQueue, MomentumEncoder, multi_positive_infonce
 from methods.moco import moco_infonce_loss
 from methods.simclr import nt_xent_loss
-
-
-class TinyBackbone(nn.Module):
-    """A linear 'backbone' with BN, enough to exercise heads, EMA and queues."""
-
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+from tests.tiny import TinyBackbone
 
 
 # ---------------------------------------------------------------------------------- registry

@@ -8,27 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from engine.config import resolve_run_config
 from methods import MethodConfigError, build_method
 from methods.blocks import FeatureQueue
 from methods.nnclr import nn_infonce, nnclr_loss, support_neighbours
 from tests.conftest import compose_config
-
-
-class TinyBackbone(nn.Module):
-    """A linear 'backbone' with BN: enough to exercise heads, queue and gradients."""
-
-    num_features = 8
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
+from tests.tiny import TinyBackbone, tiny_batch
 
 SMALL = {"queue_size": 8, "proj_hidden_dim": 16, "proj_output_dim": 4, "pred_hidden_dim": 16}
 
@@ -36,12 +22,6 @@ SMALL = {"queue_size": 8, "proj_hidden_dim": 16, "proj_output_dim": 4, "pred_hid
 def small_nnclr(**options) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_method("nnclr", TinyBackbone(), **{**SMALL, **options})
-
-
-def batch(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    views = [torch.randn(n, 3, 4, 4, generator=generator) for _ in range(2)]
-    return views, torch.arange(n) + 100 * seed
 
 
 # ------------------------------------------------------------------------------- reference
@@ -165,7 +145,7 @@ def test_queue_contents_and_pointer_after_three_steps():
     method = small_nnclr()
     pushed = []
     for step in range(3):
-        views, indices = batch(4, seed=step)
+        views, indices = tiny_batch(4, seed=step)
         method.training_step(views, indices)
         with torch.no_grad():  # no optimiser step: the same weights, BN on batch statistics
             pushed.append(F.normalize(method.projector(method.backbone(views[0])), dim=1))
@@ -179,7 +159,7 @@ def test_queue_contents_and_pointer_after_three_steps():
 
 def test_queue_view_two_stores_the_second_view():
     method = small_nnclr(queue_view=2)
-    views, indices = batch(4, seed=0)
+    views, indices = tiny_batch(4, seed=0)
     method.training_step(views, indices)
     with torch.no_grad():
         expected = F.normalize(method.projector(method.backbone(views[1])), dim=1)
@@ -190,13 +170,13 @@ def test_random_init_counts_as_filled_and_is_tagged_minus_one():
     method = small_nnclr()
     assert int(method.queue.filled) == 8
     assert torch.allclose(method.queue.data.norm(dim=1), torch.ones(8), atol=1e-6)
-    out = method.training_step(*batch(4, seed=0))
+    out = method.training_step(*tiny_batch(4, seed=0))
     assert out["nn_self_rate"].item() == 0.0  # random rows carry index −1
 
 
 def test_empty_queue_partial_fill():
     method = small_nnclr(queue_init="empty")
-    views, indices = batch(4, seed=0)
+    views, indices = tiny_batch(4, seed=0)
     z, p = method_heads(method, views)
     # First step: the queue is empty, the batch's own view-1 embeddings are the support set, so
     # view 1's neighbour is itself and view 2 takes its most similar view-1 embedding.
@@ -207,7 +187,7 @@ def test_empty_queue_partial_fill():
     assert out["loss"].item() == pytest.approx(expected.item(), abs=1e-6)
     assert int(method.queue.filled) == 4 and int(method.queue.pointer) == 4
     # Second step: only the 4 filled rows are candidates, never the 4 zero rows.
-    views, indices = batch(4, seed=1)
+    views, indices = tiny_batch(4, seed=1)
     z, p = method_heads(method, views)
     z_hat = [F.normalize(zi.detach(), dim=1) for zi in z]
     _, ids = support_neighbours(z_hat[0], method.queue, 1)
@@ -229,7 +209,7 @@ def test_exclude_self_and_diagnostics():
     for exclude in (False, True):
         method = small_nnclr(queue_init="empty", exclude_self=exclude)
         method.set_train_labels(torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]))
-        views, indices = batch(4, seed=0)
+        views, indices = tiny_batch(4, seed=0)
         indices = torch.arange(4)
         method.training_step(views, indices)
         # The same images again: each one's stored copy is its nearest neighbour unless excluded.
@@ -244,7 +224,7 @@ def test_exclude_self_and_diagnostics():
 # ----------------------------------------------------------------------------- gradients
 def test_stop_gradient_on_lookup_and_queue():
     method = small_nnclr()
-    views, indices = batch(4, seed=0)
+    views, indices = tiny_batch(4, seed=0)
     z, p = method_heads(method, views)
     z_leaf = [zi.detach().requires_grad_() for zi in z]
     p_leaf = [pi.detach().requires_grad_() for pi in p]
@@ -257,7 +237,7 @@ def test_stop_gradient_on_lookup_and_queue():
 
 def test_training_step_backpropagates_into_backbone_and_heads():
     method = small_nnclr()
-    out = method.training_step(*batch(4, seed=0))
+    out = method.training_step(*tiny_batch(4, seed=0))
     out["loss"].backward()
     for name, param in method.named_parameters():
         assert param.grad is not None, name
@@ -268,7 +248,7 @@ def test_training_step_backpropagates_into_backbone_and_heads():
 def test_training_step_is_batch_permutation_invariant():
     method = small_nnclr()
     twin = copy.deepcopy(method)
-    views, indices = batch(6, seed=3)
+    views, indices = tiny_batch(6, seed=3)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
     loss = method.training_step(views, indices)["loss"]
     permuted = twin.training_step([v[perm] for v in views], indices[perm])["loss"]
@@ -284,7 +264,7 @@ def test_queue_not_multiple_of_batch_names_both_numbers():
     with pytest.raises(MethodConfigError, match="at least 2"):
         method.check_batch(1, 100)
     # the step itself takes any batch (a partial batch wraps around the queue)
-    out = method.training_step(*batch(3, seed=0))
+    out = method.training_step(*tiny_batch(3, seed=0))
     assert torch.isfinite(out["loss"]) and int(method.queue.pointer) == 3
 
 
