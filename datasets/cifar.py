@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
+from datasets.locate import Layout, download_root, find_folder
 from datasets.stats import channel_stats
 
 
@@ -60,24 +61,16 @@ def _layout(fmt: _Format) -> str:
 
 
 def _locate(root: str | None, fmt: _Format) -> str:
-    if root is None:
-        raise DatasetError(
-            f"{fmt.name} needs root: a directory holding {fmt.folder}/ (expected {_layout(fmt)})"
-        )
-    root = os.path.expanduser(os.fspath(root))
-    if not os.path.isdir(root):
-        raise DatasetError(f"{fmt.name} root {root!r} is not a directory; expected {_layout(fmt)}")
-    folder = os.path.join(root, fmt.folder)
-    if os.path.isdir(folder):
-        return folder
-    # root may be the batch folder itself, whatever it is called.
-    if os.path.basename(os.path.normpath(root)) == fmt.folder or any(
-        os.path.isfile(os.path.join(root, f)) for f in fmt.train_files + fmt.test_files
-    ):
-        return root
-    raise DatasetError(
-        f"{fmt.name}: no {fmt.folder}/ under {root!r}; expected {_layout(fmt)} "
-        "(pass download=True to fetch it)"
+    return find_folder(
+        root,
+        Layout(
+            name=fmt.name,
+            folders=(fmt.folder,),
+            # root may be the batch folder itself, whatever it is called.
+            markers=fmt.train_files + fmt.test_files,
+            describe=_layout(fmt),
+            basename=fmt.folder,
+        ),
     )
 
 
@@ -125,11 +118,7 @@ def _read_batches(folder: str, files: tuple[str, ...], fmt: _Format) -> ImageSpl
 
 
 def _download(root: str | None, fmt: _Format) -> None:
-    if root is None:
-        raise DatasetError(f"{fmt.name}: download=True needs root, the directory to download into")
-    root = os.path.expanduser(os.fspath(root))
-    if os.path.basename(os.path.normpath(root)) == fmt.folder:
-        root = os.path.dirname(os.path.normpath(root))
+    root = download_root(root, fmt.name, fmt.folder)
     import torchvision.datasets as tvd
 
     cls = tvd.CIFAR10 if fmt is CIFAR10 else tvd.CIFAR100
@@ -140,9 +129,7 @@ def _download(root: str | None, fmt: _Format) -> None:
         raise DatasetError(f"{fmt.name}: download into {root!r} failed ({exc})") from exc
 
 
-def _load(fmt: _Format, root: str | None, download: bool) -> DatasetBundle:
-    if download:
-        _download(root, fmt)
+def _folder_with_files(fmt: _Format, root: str | None) -> str:
     folder = _locate(root, fmt)
     missing = [
         f
@@ -153,6 +140,13 @@ def _load(fmt: _Format, root: str | None, download: bool) -> DatasetBundle:
         raise DatasetError(
             f"{fmt.name}: {folder!r} lacks {', '.join(missing)}; expected {_layout(fmt)}"
         )
+    return folder
+
+
+def _load(fmt: _Format, root: str | None, download: bool) -> DatasetBundle:
+    if download:
+        _download(root, fmt)
+    folder = _folder_with_files(fmt, root)
     train = _read_batches(folder, fmt.train_files, fmt)
     test = _read_batches(folder, fmt.test_files, fmt)
     meta_path = os.path.join(folder, fmt.meta_file)
@@ -187,3 +181,20 @@ def load_cifar10(root: str | None = None, download: bool = False) -> DatasetBund
 def load_cifar100(root: str | None = None, download: bool = False) -> DatasetBundle:
     """CIFAR-100 with its 100 fine labels: 50,000 train and 10,000 test images, uint8 32x32."""
     return _load(CIFAR100, root, download)
+
+
+def check_cifar10(root: str | None = None, download: bool = False) -> None:
+    """Cheap checks: the folder and its batch files exist (with download, only that root is set)."""
+    _check(CIFAR10, root, download)
+
+
+def check_cifar100(root: str | None = None, download: bool = False) -> None:
+    """Cheap checks: the folder and its files exist (with download, only that root is set)."""
+    _check(CIFAR100, root, download)
+
+
+def _check(fmt: _Format, root: str | None, download: bool) -> None:
+    if download:
+        download_root(root, fmt.name, fmt.folder)
+        return
+    _folder_with_files(fmt, root)

@@ -1,4 +1,4 @@
-"""scikit-learn's 8x8 handwritten digits, upsampled to 16x16 (recipes.md section 2)."""
+"""scikit-learn's 8x8 handwritten digits, upsampled to 16x16 (docs/recipes.md §2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.base import DatasetBundle, ImageSplit
+from datasets.base import DatasetBundle, DatasetError, ImageSplit
 from datasets.stats import channel_stats
 
 SIZE = 16
@@ -55,3 +55,11 @@ def load_digits(root: str | None = None, download: bool = False) -> DatasetBundl
         test=test,
         class_names=[str(d) for d in range(10)],
     )
+
+
+def check_digits(root: str | None = None, download: bool = False) -> None:
+    """Digits ship inside scikit-learn: the check is that scikit-learn can be imported."""
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError as exc:
+        raise DatasetError(f"digits needs scikit-learn, which cannot be imported ({exc})") from exc

@@ -45,7 +45,7 @@ def decode_image(path: str, channels: int = 3) -> torch.Tensor:
 
 
 def read_imagenet100_classes() -> list[str]:
-    """The 100 CMC WordNet IDs in the order of CLD's ``imagenet100.txt`` (recipes.md section 7)."""
+    """The 100 CMC WordNet IDs in the order of CLD's ``imagenet100.txt`` (docs/recipes.md §2)."""
     with open(IMAGENET100_CLASSES_FILE, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -205,3 +205,31 @@ def load_imagenet100(root: str | None = None, download: bool = False) -> Dataset
         class_names=classes,
         eval_resize=256,
     )
+
+
+def check_imagefolder(root: str | None = None, download: bool = False, **options: object) -> None:
+    """Cheap checks: root exists and holds train/ and val/ (or test/); nothing is scanned."""
+    if download:
+        raise DatasetError(f"imagefolder cannot be downloaded; point root at an existing {_LAYOUT}")
+    _split_dirs("imagefolder", _require_root("imagefolder", root))
+
+
+def check_imagenet100(root: str | None = None, download: bool = False) -> None:
+    """Cheap checks: root (or root/imagenet100) holds train/ and val/; the class list's folders
+    exist in train/."""
+    name = "imagenet100"
+    if download:
+        raise DatasetError(f"{name} cannot be downloaded; point root at an existing {_LAYOUT}")
+    root = _require_root(name, root)
+    nested = os.path.join(root, IMAGENET100_FOLDER)
+    if not os.path.isdir(os.path.join(root, "train")) and os.path.isdir(nested):
+        root = nested
+    train_dir, _ = _split_dirs(name, root)
+    missing = [c for c in read_imagenet100_classes() if not os.path.isdir(os.path.join(train_dir, c))]
+    if missing:
+        shown = sorted(missing)[:_SHOW_MISSING]
+        more = f" and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
+        raise DatasetError(
+            f"{name}: {len(missing)} of the 100 class folders are missing from {train_dir!r}: "
+            f"{', '.join(shown)}{more} (class list: {IMAGENET100_CLASSES_FILE})"
+        )

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
+from datasets.locate import Layout, download_root, find_folder
 from datasets.stats import channel_stats
 
 FOLDER = "stl10_binary"
@@ -29,21 +30,13 @@ _LAYOUT = (
 
 
 def _locate(root: str | None) -> str:
-    if root is None:
-        raise DatasetError(f"stl10 needs root: a directory holding {FOLDER}/ (expected {_LAYOUT})")
-    root = os.path.expanduser(os.fspath(root))
-    if not os.path.isdir(root):
-        raise DatasetError(f"stl10 root {root!r} is not a directory; expected {_LAYOUT}")
-    folder = os.path.join(root, FOLDER)
-    if os.path.isdir(folder):
-        return folder
-    if os.path.basename(os.path.normpath(root)) == FOLDER or os.path.isfile(
-        os.path.join(root, "train_X.bin")
-    ):
-        return root
-    raise DatasetError(
-        f"stl10: no {FOLDER}/ under {root!r}; expected {_LAYOUT} (pass download=True to fetch it)"
-    )
+    return find_folder(
+        root,
+        Layout(
+            name="stl10", folders=(FOLDER,), markers=("train_X.bin",), describe=_LAYOUT,
+            basename=FOLDER,
+        ),
+    )  # fmt: skip
 
 
 def _map_images(path: str) -> np.ndarray:
@@ -72,11 +65,7 @@ def _read_labels(path: str, count: int) -> torch.Tensor:
 
 
 def _download(root: str | None) -> None:
-    if root is None:
-        raise DatasetError("stl10: download=True needs root, the directory to download into")
-    root = os.path.expanduser(os.fspath(root))
-    if os.path.basename(os.path.normpath(root)) == FOLDER:
-        root = os.path.dirname(os.path.normpath(root))
+    root = download_root(root, "stl10", FOLDER)
     import torchvision.datasets as tvd
 
     try:
@@ -151,3 +140,31 @@ def load_stl10(
         test=test,
         class_names=class_names,
     )
+
+
+def check_stl10(
+    root: str | None = None, download: bool = False, allow_missing_unlabeled: bool = False
+) -> None:
+    """Cheap checks: files present, image files a whole number of images, one label byte each."""
+    if download:
+        download_root(root, "stl10", FOLDER)
+        return
+    folder = _locate(root)
+    for split in ("train", "test"):
+        images = _map_images(os.path.join(folder, f"{split}_X.bin"))
+        labels_path = os.path.join(folder, f"{split}_y.bin")
+        if not os.path.isfile(labels_path):
+            raise DatasetError(f"stl10: missing {labels_path!r}; expected {_LAYOUT}")
+        if os.path.getsize(labels_path) != len(images):
+            raise DatasetError(
+                f"stl10: {labels_path!r} holds {os.path.getsize(labels_path)} labels for "
+                f"{len(images)} images"
+            )
+    unlabeled = os.path.join(folder, "unlabeled_X.bin")
+    if os.path.isfile(unlabeled):
+        _map_images(unlabeled)
+    elif not allow_missing_unlabeled:
+        raise DatasetError(
+            f"stl10: missing {unlabeled!r}, which the pre-training split (train + unlabeled) "
+            "needs; restore it, or pass allow_missing_unlabeled=True"
+        )

@@ -20,11 +20,13 @@ import torch
 from PIL import Image
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
+from datasets.locate import Layout, find_folder
 from datasets.stats import channel_stats
 
 FOLDER = "tiny-imagenet-200"
 SIZE = 64
 CACHE_NAME = ".groupbench_cache_v1.npz"
+_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _LAYOUT = (
     f"<root>/{FOLDER}/ with wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
     f"val/val_annotations.txt (or root pointing at {FOLDER}/ itself)"
@@ -36,21 +38,16 @@ _BLOCK = 512
 
 
 def _locate(root: str | None) -> str:
-    if root is None:
-        raise DatasetError(
-            f"tinyimagenet needs root: a directory holding {FOLDER}/ (expected {_LAYOUT})"
-        )
-    root = os.path.expanduser(os.fspath(root))
-    if not os.path.isdir(root):
-        raise DatasetError(f"tinyimagenet root {root!r} is not a directory; expected {_LAYOUT}")
-    folder = os.path.join(root, FOLDER)
-    if os.path.isdir(folder):
-        return folder
-    if os.path.isfile(os.path.join(root, "wnids.txt")):
-        return root
-    raise DatasetError(
-        f"tinyimagenet: no {FOLDER}/ (nor wnids.txt) under {root!r}; expected {_LAYOUT}; get "
-        "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it there"
+    return find_folder(
+        root,
+        Layout(
+            name="tinyimagenet",
+            folders=(FOLDER,),
+            markers=("wnids.txt",),
+            describe=_LAYOUT,
+            not_found_what=f"{FOLDER}/ (nor wnids.txt)",
+            not_found_hint=f"; get {_URL} and unzip it there",
+        ),
     )
 
 
@@ -199,8 +196,7 @@ def load_tinyimagenet(
     """
     if download:
         raise DatasetError(
-            "tinyimagenet cannot be downloaded by this harness; get "
-            "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it under root"
+            f"tinyimagenet cannot be downloaded by this harness; get {_URL} and unzip it under root"
         )
     folder = _locate(root)
     wnids, train_files, train_labels, val_files, val_labels, fingerprint = _index(folder)
@@ -245,3 +241,22 @@ def load_tinyimagenet(
         test=test,
         class_names=wnids,
     )
+
+
+def check_tinyimagenet(root: str | None = None, download: bool = False, **options: object) -> None:
+    """Cheap checks: the folder, wnids.txt, train/<wnid>/images/ and val_annotations.txt exist."""
+    if download:
+        raise DatasetError(
+            f"tinyimagenet cannot be downloaded by this harness; get {_URL} and unzip it under root"
+        )
+    folder = _locate(root)
+    wnids = sorted({w for w in _read_text(os.path.join(folder, "wnids.txt")).split() if w})
+    if not wnids:
+        raise DatasetError(f"tinyimagenet: {os.path.join(folder, 'wnids.txt')!r} lists no wnids")
+    for wnid in wnids:
+        images_dir = os.path.join(folder, "train", wnid, "images")
+        if not os.path.isdir(images_dir):
+            raise DatasetError(f"tinyimagenet: missing {images_dir!r}; expected {_LAYOUT}")
+    ann_path = os.path.join(folder, "val", "val_annotations.txt")
+    if not os.path.isfile(ann_path):
+        raise DatasetError(f"tinyimagenet: missing {ann_path!r}; expected {_LAYOUT}")

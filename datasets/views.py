@@ -1,9 +1,9 @@
 """Batched, on-device multi-view augmentation.
 
 The whole batch lives on the training device as one (B, C, H, W) tensor and every sample draws
-its own random parameters; there is no per-sample Python loop. Each op reproduces the semantics of
-torchvision's tensor kernels (parameter distributions, op order, ranges and clamping), so a view
-produced here is distributed like the one the usual per-sample pipeline
+its own random parameters; there is no per-sample Python loop. The ops (``datasets.ops``)
+reproduce the semantics of torchvision's tensor kernels (parameter distributions, op order, ranges
+and clamping), so a view produced here is distributed like the one the usual per-sample pipeline
 ``RandomResizedCrop -> RandomHorizontalFlip -> RandomApply(ColorJitter) -> RandomGrayscale ->
 RandomApply(GaussianBlur) -> RandomSolarize -> Normalize`` would produce on a float tensor.
 
@@ -12,23 +12,46 @@ default generator of that device. The draws do not reproduce torchvision's rando
 distributions: torchvision draws one sample at a time, here every parameter is drawn for the whole
 batch at once.
 
-The per-dataset view recipes (``view_config``) follow recipes.md §3 of the method specification.
+The per-dataset view recipes (``view_config``) follow docs/recipes.md §3 and, for the MNIST
+family, docs/datasets.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+# The ops are re-exported: ``datasets.views`` is the augmentation API the engine and tests import.
+from datasets.ops import (
+    _apply_masked,
+    _rng_device,
+    _to_float,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+    eval_view,
+    gaussian_blur,
+    hflip,
+    normalize,
+    resized_crop,
+    rgb_to_grayscale,
+    sample_crop_boxes,
+    solarize,
+)
 
 __all__ = [
     "DATASETS",
     "VIEW_KINDS",
+    "RECIPES",
     "MultiViewAugment",
+    "Recipe",
     "ViewConfig",
     "adjust_brightness",
     "adjust_contrast",
@@ -45,10 +68,6 @@ __all__ = [
     "solarize",
     "view_config",
 ]
-
-# torchvision's luma weights (``rgb_to_grayscale``), which follow TensorFlow's.
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -141,375 +160,8 @@ class ViewConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Geometry
+# The full pipeline
 # --------------------------------------------------------------------------------------------
-
-
-def _rng_device(
-    generator: torch.Generator | None, device: torch.device | str | None
-) -> torch.device:
-    if device is not None:
-        device = torch.device(device)
-        if generator is not None and torch.device(generator.device).type != device.type:
-            raise ValueError(
-                f"the generator is on {generator.device} but the images are on {device}; "
-                "create it with torch.Generator(device=images.device)"
-            )
-        return device
-    return torch.device(generator.device) if generator is not None else torch.device("cpu")
-
-
-def _rand(n: int, device: torch.device, generator: torch.Generator | None, *shape: int) -> Tensor:
-    return torch.rand((n, *shape), device=device, generator=generator)
-
-
-def sample_crop_boxes(
-    height: int,
-    width: int,
-    n: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator | None = None,
-    *,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Draw ``n`` crop boxes with ``RandomResizedCrop.get_params`` semantics.
-
-    Each sample gets 10 tries at once: area fraction ~ U(scale), log aspect ratio ~ U(log ratio),
-    ``w = round(sqrt(area * r))``, ``h = round(sqrt(area / r))``; the first try with
-    ``0 < w <= width`` and ``0 < h <= height`` wins and its top-left corner is uniform over the
-    valid positions. A sample with no accepted try gets torchvision's central-crop fallback.
-
-    Returns an int64 tensor (n, 4) of rows (top, left, h, w) on ``device`` (default: the
-    generator's device, else CPU).
-    """
-    device = _rng_device(generator, device)
-    # torchvision draws in float32 and does the box arithmetic in Python floats; float64 here
-    # keeps round-half-to-even ties landing where torchvision's would. MPS has no float64.
-    wide = torch.float32 if device.type == "mps" else torch.float64
-    log_lo, log_hi = torch.log(torch.tensor(ratio, dtype=torch.float32)).tolist()
-    frac = scale[0] + (scale[1] - scale[0]) * _rand(n, device, generator, 10)
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand(n, device, generator, 10))
-    target = (height * width) * frac.to(wide)
-    aspect = aspect.to(wide)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first True; 0 when none
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
-
-    # Uniform integer in [0, extent] per sample; torch.randint has no per-element bound.
-    top = torch.floor(_rand(n, device, generator).to(wide) * (height - h + 1))
-    left = torch.floor(_rand(n, device, generator).to(wide) * (width - w + 1))
-    top = torch.minimum(top, height - h)
-    left = torch.minimum(left, width - w)
-
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
-    fallback = torch.tensor(
-        [(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.int64, device=device
-    )
-    boxes = torch.stack((top, left, h, w), dim=1).to(torch.int64)
-    return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback)
-
-
-def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Crop each image to its box (top, left, h, w) and resize it to (size, size), bilinearly.
-
-    One ``affine_grid`` + ``grid_sample`` call serves the whole batch. The sampling points are
-    those of torchvision's ``resized_crop(img, top, left, h, w, [size, size], antialias=False)``:
-    output pixel ``o`` reads crop coordinate ``(o + 0.5) * h / size - 0.5`` (half-pixel centres),
-    clamped to the crop, so no pixel outside the box leaks in at its edges.
-
-    When a crop side is larger than the output (downsampling), torchvision's default
-    ``antialias=True`` low-pass filters along that side first and therefore differs from this
-    (it equals ``antialias=False``). The two agree when the crop is no larger than the output
-    (upsampling or equal size). That covers every full-size view of the in-memory datasets, which
-    crop to their own resolution; multi-crop local views can be downsampled (digits' 8 px local
-    crops come from boxes up to 13 px; STL-10's 40 px ones from up to 41 px).
-    """
-    if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(
-            f"images must be a float (B, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
-        )
-    n, c, height, width = images.shape
-    if boxes.shape != (n, 4):
-        raise ValueError(f"boxes must have shape ({n}, 4), got {tuple(boxes.shape)}")
-    top, left, h, w = boxes.to(device=images.device, dtype=images.dtype).unbind(dim=1)
-
-    # affine_grid maps normalised output coordinates (align_corners=False) to normalised input
-    # coordinates; this theta turns pixel o into input pixel left + (o + 0.5) * w / size - 0.5.
-    zero = torch.zeros_like(top)
-    theta = torch.stack(
-        (
-            torch.stack((w / width, zero, (2 * left + w) / width - 1), dim=1),
-            torch.stack((zero, h / height, (2 * top + h) / height - 1), dim=1),
-        ),
-        dim=1,
-    )
-    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
-    # torchvision's interpolate clamps source indices to the cropped tensor; clamping the grid
-    # to the centres of the box's first and last pixels reproduces that.
-    x_lo = ((2 * left + 1) / width - 1).view(n, 1, 1)
-    x_hi = ((2 * (left + w) - 1) / width - 1).view(n, 1, 1)
-    y_lo = ((2 * top + 1) / height - 1).view(n, 1, 1)
-    y_hi = ((2 * (top + h) - 1) / height - 1).view(n, 1, 1)
-    grid = torch.stack(
-        (
-            torch.minimum(torch.maximum(grid[..., 0], x_lo), x_hi),
-            torch.minimum(torch.maximum(grid[..., 1], y_lo), y_hi),
-        ),
-        dim=-1,
-    )
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def hflip(images: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mirror left-right the images where ``mask`` (B,) is True (all images when None)."""
-    if mask is None:
-        return images.flip(-1)
-    return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-# --------------------------------------------------------------------------------------------
-# Photometric ops (float images in [0, 1], per-sample factors of shape (B,))
-# --------------------------------------------------------------------------------------------
-
-
-def _per_sample(factor: Tensor | float, images: Tensor) -> Tensor:
-    factor = torch.as_tensor(factor, dtype=images.dtype, device=images.device)
-    return factor.reshape(-1, 1, 1, 1) if factor.ndim else factor
-
-
-def _blend(images: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
-    # torchvision's _blend: ratio * img1 + (1 - ratio) * img2, clamped to the valid range.
-    return (images * ratio + other * (1.0 - ratio)).clamp_(0.0, 1.0)
-
-
-def _gray(images: Tensor) -> Tensor:
-    r, g, b = images.unbind(dim=-3)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(-3)
-
-
-def rgb_to_grayscale(images: Tensor) -> Tensor:
-    """Luma with torchvision's weights, repeated over the 3 channels; 1-channel input unchanged."""
-    if images.shape[-3] == 1:
-        return images
-    return _gray(images).expand_as(images)
-
-
-def adjust_brightness(images: Tensor, factor: Tensor | float) -> Tensor:
-    """``F.adjust_brightness`` with a per-sample factor: ``clamp(factor * x, 0, 1)``."""
-    return _blend(
-        images,
-        torch.zeros((), dtype=images.dtype, device=images.device),
-        _per_sample(factor, images),
-    )
-
-
-def adjust_contrast(images: Tensor, factor: Tensor | float) -> Tensor:
-    """``F.adjust_contrast`` per sample: blend with the mean of each image's grayscale."""
-    ref = _gray(images) if images.shape[-3] == 3 else images
-    mean = ref.mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(images, mean, _per_sample(factor, images))
-
-
-def adjust_saturation(images: Tensor, factor: Tensor | float) -> Tensor:
-    """``F.adjust_saturation`` per sample: blend with the grayscale; identity on 1 channel."""
-    if images.shape[-3] == 1:
-        return images
-    return _blend(images, _gray(images), _per_sample(factor, images))
-
-
-def _rgb_to_hsv(images: Tensor) -> Tensor:
-    # torchvision's _rgb2hsv (after Pillow), vectorised over the batch as it already is.
-    r, g, b = images.unbind(dim=-3)
-    maxc = images.amax(dim=-3)
-    minc = images.amin(dim=-3)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc = (maxc - r) / cr_divisor
-    gc = (maxc - g) / cr_divisor
-    bc = (maxc - b) / cr_divisor
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    is_b = ~is_r & ~is_g
-    h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
-    h = torch.fmod(h / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-# For each hue sextant i, which of (v, p, q, t) feeds r, g and b (torchvision's _hsv_to_rgb).
-_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
-
-
-def _hsv_to_rgb(images: Tensor) -> Tensor:
-    h, s, v = images.unbind(dim=-3)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.to(torch.int64).remainder_(6)
-    p = (v * (1.0 - s)).clamp_(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp_(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor(_HSV_SELECT, dtype=torch.int64, device=images.device)
-    index = select[:, i].movedim(0, -3)  # (B, 3, H, W)
-    return vpqt.gather(-3, index)
-
-
-def adjust_hue(images: Tensor, factor: Tensor | float) -> Tensor:
-    """``F.adjust_hue`` per sample: rotate the HSV hue by ``factor`` turns; identity on 1 channel."""
-    if images.shape[-3] == 1:
-        return images
-    h, s, v = _rgb_to_hsv(images).unbind(dim=-3)
-    shift = _per_sample(factor, images)
-    shift = shift.squeeze(-1) if shift.ndim else shift  # (B, 1, 1) against (B, H, W)
-    h = (h + shift).remainder_(1.0)
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
-
-
-def _apply_masked(
-    images: Tensor,
-    mask: Tensor,
-    fn: Callable[..., Tensor],
-    *args: Tensor,
-    dense: bool | None = None,
-) -> Tensor:
-    """``fn(images, *args)`` on the samples where ``mask`` is True, the rest unchanged.
-
-    On CPU only the selected samples are computed. Elsewhere (``dense``) the op runs on the whole
-    batch and is selected with ``where``: selecting a subset needs the mask's count on the host,
-    which would stall an asynchronous device at every call.
-    """
-    if dense is None:
-        dense = images.device.type != "cpu"
-    if not dense:
-        idx = mask.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return images
-        if idx.numel() == len(images):
-            return fn(images, *args)
-        out = images.clone()
-        out[idx] = fn(images[idx], *(a[idx] for a in args))
-        return out
-    return torch.where(mask.view(-1, 1, 1, 1), fn(images, *args), images)
-
-
-def color_jitter(
-    images: Tensor,
-    brightness: Tensor | None,
-    contrast: Tensor | None,
-    saturation: Tensor | None,
-    hue: Tensor | None,
-    order: Tensor,
-    apply: Tensor | None = None,
-) -> Tensor:
-    """``ColorJitter`` with per-sample factors (B,) and per-sample op order ``order`` (B, 4).
-
-    ``order[b]`` is a permutation of (0, 1, 2, 3) = (brightness, contrast, saturation, hue), as
-    ``torch.randperm(4)`` in ``ColorJitter.get_params``; a factor of None skips that op (a
-    strength of 0 in ``ColorJitter``). Samples where ``apply`` is False are left unchanged
-    (``RandomApply``).
-    """
-    if apply is None:
-        apply = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-    rgb = images.shape[-3] == 3
-    ops = [
-        (code, fn, factor)
-        for code, fn, factor in (
-            (0, adjust_brightness, brightness),
-            (1, adjust_contrast, contrast),
-            (2, adjust_saturation, saturation if rgb else None),
-            (3, adjust_hue, hue if rgb else None),
-        )
-        if factor is not None
-    ]
-    out = images
-    for step in range(4):
-        # At each position of the order, every op runs on the samples that have it there.
-        op = order[:, step]
-        for code, fn, factor in ops:
-            out = _apply_masked(out, apply & (op == code), fn, factor)
-    return out
-
-
-def _gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
-    # torchvision's _get_gaussian_kernel1d, one row per sigma.
-    half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, kernel_size, dtype=sigma.dtype, device=sigma.device)
-    pdf = torch.exp(-0.5 * (x / sigma.unsqueeze(1)).pow(2))
-    return pdf / pdf.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(images: Tensor, sigma: Tensor | float, kernel_size: int) -> Tensor:
-    """``F.gaussian_blur(img, [k, k], [s, s])`` with a per-sample sigma (B,).
-
-    Separable (rows then columns, equal to torchvision's outer-product kernel up to rounding),
-    reflect padding, and one grouped ``conv2d`` per direction so each sample uses its own kernel.
-    """
-    n, c, height, width = images.shape
-    sigma = torch.as_tensor(sigma, dtype=images.dtype, device=images.device).expand(n)
-    kernel = _gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # (n*c, k)
-    pad = kernel_size // 2
-    x = F.pad(images.reshape(1, n * c, height, width), (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
-    x = F.conv2d(x, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
-    return x.view(n, c, height, width)
-
-
-def solarize(images: Tensor, threshold: float, mask: Tensor | None = None) -> Tensor:
-    """``F.solarize``: pixels ``>= threshold`` become ``1 - x``, on samples where ``mask`` is True."""
-    hit = images >= threshold
-    if mask is not None:
-        hit = hit & mask.view(-1, 1, 1, 1)
-    return torch.where(hit, 1.0 - images, images)
-
-
-# --------------------------------------------------------------------------------------------
-# Normalisation and the full pipeline
-# --------------------------------------------------------------------------------------------
-
-
-def _to_float(images: Tensor) -> Tensor:
-    if images.dtype == torch.uint8:
-        return images.to(torch.float32).div_(255.0)
-    if not images.is_floating_point():
-        raise ValueError(f"images must be uint8 or float, got {images.dtype}")
-    return images.to(torch.float32)
-
-
-def _stats(values: Sequence[float] | Tensor, like: Tensor, name: str) -> Tensor:
-    t = torch.as_tensor(values, dtype=like.dtype, device=like.device).flatten()
-    if t.numel() != like.shape[-3]:
-        raise ValueError(
-            f"{name} has {t.numel()} values but the images have {like.shape[-3]} channels"
-        )
-    return t.view(-1, 1, 1)
-
-
-def normalize(
-    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
-) -> Tensor:
-    """Per-channel ``(x - mean) / std``; uint8 input is first scaled to [0, 1]."""
-    images = _to_float(images)
-    return (images - _stats(mean, images, "mean")) / _stats(std, images, "std")
-
-
-def eval_view(
-    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
-) -> Tensor:
-    """The deterministic eval transform of in-memory data: to float in [0, 1], then normalise."""
-    return normalize(images, mean, std)
 
 
 def _uniform(n: int, lo: float, hi: float, like: Tensor, g: torch.Generator | None) -> Tensor:
@@ -621,46 +273,78 @@ class MultiViewAugment(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Per-dataset recipes (recipes.md §3)
+# Per-dataset recipes (docs/recipes.md §3)
 # --------------------------------------------------------------------------------------------
 
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100", "imagefolder")
+@dataclass(frozen=True)
+class Recipe:
+    """One dataset's row of the ``shared`` family plus the size and scale of its multi-crop
+    local crops. The ``shared`` view is RandomResizedCrop(``crop_scale``, ``crop_ratio``) ->
+    flip(``flip_p``) -> ColorJitter(``brightness``, ``contrast``, ``saturation``, ``hue``) with
+    p 0.8 -> grayscale(``grayscale_p``) -> blur(``blur_p``, ``blur_kernel``)."""
+
+    crop_scale: tuple[float, float]
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale_p: float
+    blur_p: float
+    flip_p: float
+    local_size: int
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    blur_kernel: int = 9
+    local_scale: tuple[float, float] = (0.05, 0.14)
+
+
+# `shared` family (docs/recipes.md §3, table of the `shared` family), and GroCo's multi-crop
+# local sizes (about 96/224 of the global size).
+_CIFAR = Recipe(
+    crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+    grayscale_p=0.2, blur_p=0.0, flip_p=0.5, local_size=14,
+)  # fmt: skip
+_IMAGENET = Recipe(
+    crop_scale=(0.08, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+    grayscale_p=0.2, blur_p=0.5, blur_kernel=23, flip_p=0.5, local_size=96,
+)  # fmt: skip
+# The MNIST family (chosen; docs/datasets.md): grey 28 px images, so only brightness and contrast
+# jitter (saturation, hue and grayscale are no-ops on one channel) and no blur (images <= 64 px).
+# Handwritten glyphs (MNIST, KMNIST) take the digits row: a mirrored or mostly cropped-away glyph
+# is another glyph. Fashion-MNIST's garments are mirror-symmetric classes, so they flip; the crop
+# keeps >= 20 % of the frame, as an 8 % crop of a 28 px image is a 8 x 8 px patch, mostly the
+# black background.
+_GLYPHS = Recipe(
+    crop_scale=(0.5, 1.0), crop_ratio=(0.8, 1.25), brightness=0.4, contrast=0.4, saturation=0.0,
+    hue=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0, local_size=12, local_scale=(0.2, 0.5),
+)  # fmt: skip
+RECIPES: dict[str, Recipe] = {
+    # row "digits | (0.5, 1), ratio (0.8, 1.25) | brightness 0.4, contrast 0.4 only | – | 0 | no";
+    # local crops of 8 px at scale (0.2, 0.5)
+    "digits": dataclasses.replace(_GLYPHS, local_size=8),
+    # row "CIFAR-10/100 | (0.08, 1) | (0.4, 0.4, 0.4, 0.1), strength 0.5 | 0.2 | 0 | 0.5"
+    "cifar10": _CIFAR,
+    "cifar100": _CIFAR,
+    # row "STL-10 | (0.08, 1) | (0.4, 0.4, 0.4, 0.1) | 0.2 | 0.5, kernel 9 | 0.5"
+    "stl10": dataclasses.replace(_CIFAR, blur_p=0.5, local_size=40),
+    # row "Tiny-ImageNet | (0.08, 1) | (0.4, 0.4, 0.4, 0.1) | 0.2 | 0 | 0.5"
+    "tinyimagenet": dataclasses.replace(_CIFAR, local_size=28),
+    # row "ImageNet-100 | (0.08, 1) | (0.8, 0.8, 0.8, 0.2), strength 1.0 | 0.2 | 0.5, kernel 23 |
+    # 0.5"
+    "imagenet100": _IMAGENET,
+    "imagefolder": _IMAGENET,
+    "fashion_mnist": dataclasses.replace(_GLYPHS, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5),
+    "mnist": _GLYPHS,
+    "kmnist": _GLYPHS,
+}
+DATASETS = tuple(RECIPES)
 VIEW_KINDS = ("shared", "weak", "global1", "global2", "local")
 
-# `shared` family, recipes.md §3 table "shared (default, SimCLR-style)":
-# (crop scale, crop ratio, (b, c, s, h), grayscale p, blur p, blur kernel, flip p)
-_SHARED: dict[str, tuple] = {
-    # row "digits | (0.5, 1), ratio (0.8, 1.25) | brightness 0.4, contrast 0.4 only | – | 0 | no"
-    "digits": ((0.5, 1.0), (0.8, 1.25), (0.4, 0.4, 0.0, 0.0), 0.0, 0.0, 9, 0.0),
-    # row "CIFAR-10/100 | (0.08, 1) | (0.4, 0.4, 0.4, 0.1), strength 0.5 | 0.2 | 0 | 0.5"
-    "cifar10": ((0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1), 0.2, 0.0, 9, 0.5),
-    "cifar100": ((0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1), 0.2, 0.0, 9, 0.5),
-    # row "Tiny-ImageNet | (0.08, 1) | (0.4, 0.4, 0.4, 0.1) | 0.2 | 0 | 0.5"
-    "tinyimagenet": ((0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1), 0.2, 0.0, 9, 0.5),
-    # row "STL-10 | (0.08, 1) | (0.4, 0.4, 0.4, 0.1) | 0.2 | 0.5, kernel 9 | 0.5"
-    "stl10": ((0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1), 0.2, 0.5, 9, 0.5),
-    # row "ImageNet-100 | (0.08, 1) | (0.8, 0.8, 0.8, 0.2), strength 1.0 | 0.2 | 0.5, kernel 23 | 0.5"
-    "imagenet100": ((0.08, 1.0), (3 / 4, 4 / 3), (0.8, 0.8, 0.8, 0.2), 0.2, 0.5, 23, 0.5),
-}
-_SHARED["imagefolder"] = _SHARED["imagenet100"]
-
-# GroCo multi-crop local sizes, recipes.md §3 "Local sizes (chosen, ≈ 96/224 of the global size)".
-_LOCAL_SIZE = {
-    "digits": 8,
-    "cifar10": 14,
-    "cifar100": 14,
-    "tinyimagenet": 28,
-    "stl10": 40,
-    "imagenet100": 96,
-    "imagefolder": 96,
-}
-
-# recipes.md §3: "Blur probabilities are set to 0 for images of 64 px or less".
+# docs/recipes.md §3: blur is switched off on images of 64 px or less.
 _NO_BLUR_MAX_SIZE = 64
 
 
 def view_config(dataset: str, kind: str, image_size: int) -> ViewConfig:
-    """The ``ViewConfig`` of one view kind on one dataset (recipes.md §3).
+    """The ``ViewConfig`` of one view kind on one dataset (docs/recipes.md §3).
 
     Kinds: ``shared`` (the default SimCLR-style family), ``weak`` (ASCL's teacher view),
     ``global1``/``global2``/``local`` (GroCo's DINO-style multi-crop t1, t2 and local crops).
@@ -670,22 +354,22 @@ def view_config(dataset: str, kind: str, image_size: int) -> ViewConfig:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if kind not in VIEW_KINDS:
         raise ValueError(f"unknown view kind {kind!r}; valid kinds: {', '.join(VIEW_KINDS)}")
-    scale, ratio, (b, c, s, h), gray_p, blur_p, kernel, flip_p = _SHARED[dataset]
+    recipe = RECIPES[dataset]
 
     if kind == "shared":
         return ViewConfig(
             size=image_size,
-            crop_scale=scale,
-            crop_ratio=ratio,
-            flip_p=flip_p,
+            crop_scale=recipe.crop_scale,
+            crop_ratio=recipe.crop_ratio,
+            flip_p=recipe.flip_p,
             jitter_p=0.8,
-            brightness=b,
-            contrast=c,
-            saturation=s,
-            hue=h,
-            grayscale_p=gray_p,
-            blur_p=blur_p,
-            blur_kernel=kernel,
+            brightness=recipe.brightness,
+            contrast=recipe.contrast,
+            saturation=recipe.saturation,
+            hue=recipe.hue,
+            grayscale_p=recipe.grayscale_p,
+            blur_p=recipe.blur_p,
+            blur_kernel=recipe.blur_kernel,
         )
     if kind == "weak":
         # "RandomResizedCrop(size, scale (0.2, 1)) plus flip (no flip on digits)", after ASCL
@@ -693,19 +377,20 @@ def view_config(dataset: str, kind: str, image_size: int) -> ViewConfig:
         return ViewConfig(
             size=image_size,
             crop_scale=(0.2, 1.0),
-            flip_p=flip_p,
+            flip_p=recipe.flip_p,
             jitter_p=0.0,
             grayscale_p=0.0,
             blur_p=0.0,
         )
 
-    # GroCo multi-crop (DINO-style, GroCo dataloader/transforms.py via recipes.md §3): global
-    # views scale (0.14, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, flip; t1 blur
-    # p 1.0; t2 blur p 0.1 and solarise p 0.2; locals scale (0.05, 0.14), blur p 0.5.
-    # Digits keep their "no flip" of the shared row.
+    # GroCo multi-crop (DINO-style, after GroCo's dataloader/transforms.py; docs/recipes.md §3):
+    # global views scale (0.14, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, flip; t1
+    # blur p 1.0; t2 blur p 0.1 and solarise p 0.2; local crops at the recipe's size and scale
+    # ((0.05, 0.14) except on small glyph images), blur p 0.5. Each dataset keeps its shared row's
+    # flip (none on digits, MNIST, KMNIST).
     if kind == "local":
-        size = _LOCAL_SIZE[dataset]
-        crop_scale = (0.2, 0.5) if dataset == "digits" else (0.05, 0.14)
+        size = recipe.local_size
+        crop_scale = recipe.local_scale
         view_blur, solar = 0.5, 0.0
     else:
         size = image_size
@@ -716,7 +401,7 @@ def view_config(dataset: str, kind: str, image_size: int) -> ViewConfig:
     return ViewConfig(
         size=size,
         crop_scale=crop_scale,
-        flip_p=flip_p,
+        flip_p=recipe.flip_p,
         jitter_p=0.8,
         brightness=0.4,
         contrast=0.4,
@@ -724,6 +409,6 @@ def view_config(dataset: str, kind: str, image_size: int) -> ViewConfig:
         hue=0.1,
         grayscale_p=0.2,
         blur_p=view_blur,
-        blur_kernel=kernel,
+        blur_kernel=recipe.blur_kernel,
         solarize_p=solar,
     )

@@ -20,7 +20,10 @@ from datasets import stats as stats_module
 from datasets import tinyimagenet as tiny_module
 from datasets.imagefolder import IMAGENET_MEAN, IMAGENET_STD, decode_image
 
-ALL_NAMES = ["cifar10", "cifar100", "digits", "imagefolder", "imagenet100", "stl10", "tinyimagenet"]
+ALL_NAMES = [
+    "cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "imagenet100", "kmnist",
+    "mnist", "stl10", "tinyimagenet",
+]  # fmt: skip
 
 
 def _np_stats(pixels01: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,8 +49,11 @@ def test_registry_names_and_info() -> None:
         "cifar10": 32,
         "cifar100": 32,
         "digits": 16,
+        "fashion_mnist": 28,
         "imagefolder": 224,
         "imagenet100": 224,
+        "kmnist": 28,
+        "mnist": 28,
         "stl10": 96,
         "tinyimagenet": 64,
     }
@@ -72,7 +78,9 @@ def test_unknown_option_lists_valid_options(tmp_path: Path) -> None:
         load("stl10", tmp_path, unlabeled=False)
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100"])
+@pytest.mark.parametrize(
+    "name", ["cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100", "mnist", "kmnist"]
+)
 def test_root_errors_name_path_and_layout(name: str, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="needs root"):
         load(name)

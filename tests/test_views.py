@@ -12,6 +12,7 @@ import torchvision.transforms.v2 as T2
 import torchvision.transforms.v2.functional as TF
 from scipy.stats import ks_2samp
 
+from datasets import ops
 from datasets import views as V
 from datasets.views import (
     VIEW_KINDS,
@@ -243,12 +244,12 @@ def test_color_jitter_follows_per_sample_order():
     apply = torch.tensor([True, True, False, True, True, True, False, True])
     fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for dense in (False, True):
-        orig = V._apply_masked
-        V._apply_masked = lambda *a, _o=orig, _d=dense, **k: _o(*a, dense=_d)
+        orig = ops._apply_masked
+        ops._apply_masked = lambda *a, _o=orig, _d=dense, **k: _o(*a, dense=_d)
         try:
-            out = V.color_jitter(images, b, c, s, h, order, apply)
+            out = ops.color_jitter(images, b, c, s, h, order, apply)
         finally:
-            V._apply_masked = orig
+            ops._apply_masked = orig
         for i in range(8):
             ref = images[i]
             if apply[i]:
@@ -511,7 +512,7 @@ def test_view_config_coerces_yaml_lists():
 
 
 # --------------------------------------------------------------------------------------------
-# (5) the recipes.md §3 table
+# (5) the docs/recipes.md §3 table
 # --------------------------------------------------------------------------------------------
 
 
@@ -573,7 +574,7 @@ def test_view_config_weak_and_multicrop_rows():
 
 
 def test_view_config_unknown_names():
-    with pytest.raises(ValueError, match="'mnist'.*cifar10.*imagenet100"):
-        view_config("mnist", "shared", 32)
+    with pytest.raises(ValueError, match="'svhn'.*cifar10.*imagenet100.*fashion_mnist"):
+        view_config("svhn", "shared", 32)
     with pytest.raises(ValueError, match="'strong'.*shared.*weak.*local"):
         view_config("cifar10", "strong", 32)
