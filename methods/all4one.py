@@ -1,4 +1,4 @@
-"""All4One: symbiotic neighbour contrastive learning (spec all4one.md).
+"""All4One: symbiotic neighbour contrastive learning (docs/methods/all4one.md).
 
 NNCLR's neighbour contrast plus two objectives: a centroid contrast, where a small transformer
 summarises each sample's K nearest support-set neighbours into one token that is contrasted across
@@ -22,7 +22,7 @@ The default options reproduce the official code (ImaGonEs/all4one; solo-learn ``
 - ``exclude_self=false`` and ``queue_init=random_unit`` as in NNCLR.
 
 The official ``save_NN`` pickle dump and the fork's ``audioop`` import are dead code and are not
-reproduced (spec §9 F6).
+reproduced (docs/methods/all4one.md §5).
 """
 
 from __future__ import annotations
@@ -46,17 +46,16 @@ from methods.base import (
 from methods.blocks import (
     COSINE_EPS,
     FeatureQueue,
-    MomentumEncoder,
-    gather,
-    l2_normalize,
-    momentum_at,
-)
-from methods.nnclr import (
-    QUEUE_INITS,
     IndexLabelsMixin,
+    MomentumEncoder,
     build_nnclr_predictor,
     build_nnclr_projector,
     float32_region,
+    gather,
+    l2_normalize,
+)
+from methods.nnclr import (
+    QUEUE_INITS,
     neighbour_metrics,
     nn_infonce,
     nnclr_loss,
@@ -68,6 +67,16 @@ FEATURE_LOSSES = ("rms", "barlow")
 FEATURE_STATS = ("local", "global")
 NN_SOURCES = ("momentum", "online")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+def momentum_at(base: float, final: float, step: int, total_steps: int, schedule: str) -> float:
+    """Momentum for ``step``: constant ``base``, or BYOL's cosine from ``base`` to ``final``."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+        return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    raise MethodConfigError(f"invalid momentum schedule {schedule!r}; valid: constant, cosine")
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,8 +102,8 @@ def permuted_position_table(k: int, dim: int) -> torch.Tensor:
 
     ``PositionalEncodingPermute1D(k)`` expects (batch, channels, length) but receives
     (batch, k, dim), so the dim feature indices u = 0..dim−1 act as positions and the k sequence
-    slots as channels (spec §4). For k = 5 the rows have L2 norms ≈ 11.3, 11.3, 11.5, 11.1, 4.9,
-    about ten times the unit-norm tokens they are added to.
+    slots as channels (docs/methods/all4one.md §3). For k = 5 the rows have L2 norms ≈ 11.3,
+    11.3, 11.5, 11.1, 4.9, about ten times the unit-norm tokens they are added to.
     """
     return sinusoid_table(dim, k).T.contiguous()
 
@@ -131,8 +140,10 @@ def centroid_sequences(
 
 
 def _off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    # Row-major off-diagonal entries of a square matrix, by a reshape of fixed shape (a boolean
+    # mask's output shape would depend on data, a graph break under torch.compile).
     n = matrix.shape[0]
-    return matrix.masked_select(~torch.eye(n, dtype=torch.bool, device=matrix.device))
+    return matrix.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
 def feature_rms_loss(
@@ -213,51 +224,143 @@ def centroid_loss(
 # --------------------------------------------------------------------------------------------
 # method
 # --------------------------------------------------------------------------------------------
+def _dropout_noise(
+    shape: tuple[int, ...], p: float, like: torch.Tensor, swap01: bool = False
+) -> torch.Tensor:
+    """F.dropout's CPU mask for an input of ``shape``: ``empty_like(input).bernoulli_(1 − p)
+    .div_(1 − p)``. ``swap01``: the input is the (0, 1)-transpose of a contiguous tensor, so the
+    draw fills that memory order (the CPU kernel draws in memory order)."""
+    if swap01:
+        shape = (shape[1], shape[0], *shape[2:])
+    noise = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    noise.div_(1 - p)
+    return noise.transpose(0, 1) if swap01 else noise
+
+
+def _encoder_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, first_only: bool) -> torch.Tensor:
+    """One post-norm ReLU ``TransformerEncoderLayer`` (batch-first, no mask) in training or eval
+    mode, with the module's parameters and its dropout draws in its order, shapes and memory
+    layouts: attention weights (B, H, L, L), attention output (B, L, E) laid out as (L, B, E),
+    feed-forward hidden (B, L, F), feed-forward output (B, L, E). ``first_only``: only slot 0's
+    output, (B, 1, E); keys and values still come from every slot, and the masks are drawn whole."""
+    attn = layer.self_attn
+    batch, length, dim = x.shape
+    heads = attn.num_heads
+    head_dim = dim // heads
+    p_attn = attn.dropout if attn.training else 0.0
+    p1, p_ff, p2 = (d.p if d.training else 0.0 for d in (layer.dropout1, layer.dropout, layer.dropout2))
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if first_only:
+        q = F.linear(x[:, :1], weight[:dim], bias[:dim]).view(batch, 1, heads, head_dim)
+        k, v = F.linear(x, weight[dim:], bias[dim:]).view(batch, length, 2, heads, head_dim).unbind(2)
+    else:
+        q, k, v = F.linear(x, weight, bias).view(batch, length, 3, heads, head_dim).unbind(2)
+    rows = 1 if first_only else length
+    # scaled_dot_product_attention's math path: q and k each scaled by head_dim^(−1/4)
+    scale = head_dim ** -0.25
+    scores = torch.matmul((q * scale).transpose(1, 2), (k * scale).permute(0, 2, 3, 1))
+    weights = scores.softmax(dim=-1)
+    if p_attn > 0:
+        weights = weights * _dropout_noise((batch, heads, length, length), p_attn, x)[:, :, :rows]
+    out = torch.matmul(weights, v.transpose(1, 2)).transpose(1, 2).reshape(batch, rows, dim)
+    out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    if p1 > 0:
+        out = out * _dropout_noise((batch, length, dim), p1, x, swap01=True)[:, :rows]
+    y = layer.norm1(x[:, :rows] + out)
+    hidden = F.relu(layer.linear1(y))
+    if p_ff > 0:
+        hidden = hidden * _dropout_noise((batch, length, hidden.shape[-1]), p_ff, x)[:, :rows]
+    out = layer.linear2(hidden)
+    if p2 > 0:
+        out = out * _dropout_noise((batch, length, dim), p2, x)[:, :rows]
+    return layer.norm2(y + out)
+
+
+class CentroidTransformer(nn.TransformerEncoder):
+    """The official centroid transformer (post-norm, ReLU, batch-first, no final norm) whose
+    forward returns only the slot-0 output, (B, D): the only output All4One uses.
+
+    Parameters, their names and the dropout draws are ``nn.TransformerEncoder``'s, so the same
+    RNG state gives the same masks and the result is ``nn.TransformerEncoder(...)(x)[:, 0]`` up to
+    float rounding. On the CPU the layers run batch-first without MultiheadAttention's (L, B, E)
+    copies, and the last layer computes only slot 0's query, attention row and feed-forward
+    (keys and values still from every slot): ~20 % fewer FLOPs. Other devices run the standard
+    module (its fused attention draws its own dropout masks there).
+    """
+
+    def forward(self, src: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if src.device.type != "cpu":
+            return super().forward(src)[:, 0]
+        x = src
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = _encoder_layer(layer, x, first_only=i == last)
+        return x[:, 0]
+
+
 def build_centroid_transformer(
     dim: int, heads: int, ff_dim: int, dropout: float, layers: int
-) -> nn.TransformerEncoder:
+) -> CentroidTransformer:
     """``nn.TransformerEncoder`` as in the official code: post-norm, ReLU, batch-first, no final
-    norm. The layer is deep-copied ``layers`` times, so all layers start with equal weights."""
+    norm, returning slot 0's output (``CentroidTransformer``). The layer is deep-copied ``layers``
+    times, so all layers start with equal weights."""
     layer = nn.TransformerEncoderLayer(
         d_model=dim, nhead=heads, dim_feedforward=ff_dim, dropout=dropout, batch_first=True
     )
-    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+    return CentroidTransformer(layer, num_layers=layers, enable_nested_tensor=False)
 
 
 @dataclass
 class All4OneConfig:
+    """Defaults: ImaGonEs/all4one and solo-learn scripts/pretrain/cifar/all4one.yaml (``solo``)."""
+
     preset: str = "solo"
-    temperature: float = 0.2
-    centroid_temperature: float = 0.1
-    n_neighbors: int = 5
+    temperature: float = 0.2  # neighbour term L_nn
+    centroid_temperature: float = 0.1  # centroid term L_cent: nnclr_loss_func's implicit default
+    n_neighbors: int = 5  # K, hard-coded in the official code; the positional table follows K
+    # Support set M, a multiple of the global batch; digits: 1024. ImageNet-100's config says
+    # 98,340, not a multiple of 256 (a typo): 98,304 here.
     queue_size: int = 98304
-    queue_init: str = "random_unit"
+    queue_init: str = "random_unit"  # random_unit (official) | empty
     proj_hidden_dim: int = 2048
     proj_output_dim: int = 256
     pred_hidden_dim: int = 4096
     nn_weight: float = 0.5
     centroid_weight: float = 0.5
     feature_weight: float = 0.5
-    feature_scale: float = 10.0
-    feature_loss: str = "rms"
-    barlow_lambda: float = 5e-3
-    feature_stats: str = "local"
-    pos_enc: str = "permuted"
-    nn_source: str = "momentum"
-    exclude_self: bool = False
-    momentum_base: float = 0.99
+    feature_scale: float = 10.0  # L_feat = scale·(½·on + ½·off) for feature_loss=rms
+    feature_loss: str = "rms"  # rms (official root-mean-square terms) | barlow (Barlow Twins)
+    barlow_lambda: float = 5e-3  # off-diagonal weight of feature_loss=barlow
+    feature_stats: str = "local"  # local (official: each process's own rows) | global (gathered)
+    pos_enc: str = "permuted"  # permuted (official table: feature indices as positions) | standard
+    nn_source: str = "momentum"  # view 2's neighbours from its momentum (official) | online embedding
+    exclude_self: bool = False  # True: mask stored copies of the anchor image before the top-k
+    momentum_base: float = 0.99  # EMA of backbone and projector, from base to final over steps
     momentum_final: float = 1.0
-    momentum_schedule: str = "cosine"
-    transformer_lr: float = 0.1
+    momentum_schedule: str = "cosine"  # cosine | constant
+    transformer_lr: float = 0.1  # fixed, not batch-scaled; same schedule, LARS and decay rules
     transformer_layers: int = 3
     transformer_heads: int = 8
-    transformer_ff_dim: int | None = None
+    transformer_ff_dim: int | None = None  # None: 2·proj_output_dim (512)
     transformer_dropout: float = 0.1
 
 
 @register_method("all4one")
 class All4One(IndexLabelsMixin, SSLMethod):
     Config = All4OneConfig
+    base_presets = ("nnclr",)  # All4One adds two objectives to NNCLR
+    paper_aliases = ("all4one",)
+    # the default heads and 98,304-row support set take ~20 s per step on two CPU cores
+    small_options = {"proj_hidden_dim": 256, "pred_hidden_dim": 256}
+    # official: the feature term uses each process's own rows
+    world_invariant_options = {"feature_stats": "global"}
+    step_time_vs_simclr = 1.5
+    optimizer_defaults = {
+        "name": "lars", "lr": 1.0, "lr_scaling": "linear", "lr_reference_batch": 256,  # lr × B/256
+        "weight_decay": 1.0e-5, "momentum": 0.9, "trust_coefficient": 0.02, "trust_clip": True,
+        "exclude_1d": True, "schedule": "warmup_cosine", "warmup_epochs": 10,
+    }
+    dataset_defaults = {"digits": {"queue_size": 1024}}
 
     @classmethod
     def validate_config(cls, config: All4OneConfig) -> None:
@@ -393,7 +496,7 @@ class All4One(IndexLabelsMixin, SSLMethod):
         )
         # Enc(S_1), Enc(S_2), Enc(T_1), Enc(T_2), four calls in the official order, so that the
         # dropout masks match the official code's under the same RNG state.
-        encoded = [self.transformer(seq)[:, 0] for seq in (*rich, *shifted)]
+        encoded = [self.transformer(seq) for seq in (*rich, *shifted)]
         loss_centroid = centroid_loss(encoded[:2], encoded[2:], cfg.centroid_temperature)
         loss_nn = nnclr_loss(
             neighbours[0][:, 0], p[0], neighbours[1][:, 0], p[1], cfg.temperature, "cross_view"

@@ -1,4 +1,4 @@
-"""ASCL: adaptive soft contrastive learning on MoCo (spec ascl.md).
+"""ASCL: adaptive soft contrastive learning on MoCo (docs/methods/ascl.md).
 
 MoCo's one-hot instance target becomes a soft one: the teacher's sharpened similarity
 distribution over the queue, scaled by its confidence (one minus its normalised entropy), is added
@@ -215,21 +215,16 @@ def shuffled_forward(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ASCLConfig(MoCoConfig):
-    """Defaults: ASCL ``main.py`` (CIFAR) with ``--model moco --type ascl --K 1``."""
+    """Defaults: ASCL ``main.py`` (CIFAR) with ``--model moco --type ascl --K 1``; the MoCo
+    options not restated here keep MoCo's defaults (queue M = 4,096 (--mem_size), one-way
+    direction, EMA before the keys; ``direction=symmetric`` needs ``key_view=same``)."""
 
     preset: str = "ascl"
     temperature: float = 0.1  # τ₁, student (--t1)
-    queue_size: int = 4096  # M (--mem_size)
-    momentum: float = 0.99  # m (--m), constant
-    dim: int = 128
-    head: str = "mlp"
+    momentum: float = 0.99  # m (--m), constant; ImageNet-100: 0.999
     head_hidden_dim: int | None = 2048  # Linear(d→2048)→ReLU→Linear(2048→128), no BN
-    views: int = 2
-    direction: str = "one_way"  # one_way (official) | symmetric (both views as student in turn)
     key_view: str = "weak"  # weak (official --aug weak_augment) | same (strong_augment)
-    ema_timing: str = "before_keys"
-    bn_splits: int = 8
-    queue_init: str = "random_unit"
+    bn_splits: int = 8  # split BN in both encoders; ImageNet-100: 1
     teacher_temperature: float = 0.05  # τ₂ (--t2)
     target: str = "ascl"  # ascl | ahcl | hard | normal (--type)
     nn_num: int = 1  # K (--K), "number of neighbours"
@@ -243,6 +238,20 @@ class ASCL(MoCo):
     """MoCo (``ascl_base``) with soft targets; ``model=byol`` adds a predictor, uses no queue."""
 
     Config = ASCLConfig
+    default_preset = "ascl"
+    base_presets = ("moco_ascl_base",)  # the same code path with target=normal
+    paper_aliases = ("ascl",)
+    optimizer_defaults = {
+        "name": "sgd", "lr": 0.03, "lr_scaling": "none", "lr_reference_batch": 256,
+        "weight_decay": 5.0e-4, "momentum": 0.9, "schedule": "warmup0_cosine", "warmup_epochs": 5,
+    }
+    dataset_defaults = {
+        "digits": {"queue_size": 1024},
+        "imagenet100": {
+            "queue_size": 65536, "momentum": 0.999, "bn_splits": 1,
+            "optimizer": {"lr_scaling": "linear", "weight_decay": 1.0e-4, "schedule": "epoch_cosine"},
+        },
+    }
 
     @classmethod
     def validate_config(cls, config: ASCLConfig) -> None:
@@ -282,6 +291,7 @@ class ASCL(MoCo):
 
     def __init__(self, backbone: nn.Module, config: ASCLConfig) -> None:
         super().__init__(backbone, config)
+        self.shuffle_bn = config.shuffle_bn
         if config.model == "byol":
             self.predictor = projection_mlp(
                 [config.dim, config.predictor_hidden_dim, config.dim], hidden_bn=True

@@ -49,6 +49,9 @@ def check_choice(where: str, value: Any, choices: tuple[Any, ...] | list[Any]) -
 
 
 def check_positive(where: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise MethodConfigError unless ``value`` is a number > 0 (>= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MethodConfigError(f"invalid {where}={value!r}; it must be a number")
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
@@ -85,14 +88,52 @@ class SSLMethod(nn.Module, abc.ABC):
     """Base class of every self-supervised method.
 
     Subclasses define a dataclass ``Config`` (its defaults are the method's default preset),
-    ``training_step`` and, when they keep per-step state, ``after_optimizer_step``.
+    ``training_step`` and, when they keep per-step state, ``after_optimizer_step``. The class
+    attributes below describe the method to the engine, the grid, the report and the tests; a
+    new method sets the ones that differ from these defaults and touches no other file.
     """
 
     name: ClassVar[str] = ""
-    Config: ClassVar[type] = type("Config", (), {})
+    Config: ClassVar[type] = dataclasses.make_dataclass("Config", [])  # a method without options
+
+    # -- run settings of the default preset (the dataclass holds the method's options) ---------
+    #: Optimiser settings of the default preset (``method.optimizer``, engine.optim).
+    optimizer_defaults: ClassVar[dict[str, Any]] = {}
+    #: Per-dataset values that replace the defaults on that dataset: ``{dataset: {key: value}}``,
+    #: keys of ``Config`` or ``{"optimizer": {...}}``. Every key named here is ``null`` in the
+    #: composed config until the run config is resolved for its dataset (``method.auto``).
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # -- what the engine, the grid and the report need to know ------------------------------
+    #: False for reference rows: the engine builds the method, skips training, then evaluates.
+    trains: ClassVar[bool] = True
+    #: True for the reference rows (``pixels``, ``random_init``), shown apart in the report.
+    is_reference: ClassVar[bool] = False
+    #: The preset (``method=<preset>``) that is this method's default; ``register_method`` sets
+    #: it to the method's name unless the class names another. A preset YAML of that name in
+    #: configs/method/ is optional.
+    default_preset: ClassVar[str] = ""
+    #: Presets the method is compared against (deltas over base); they join the default grid.
+    base_presets: ClassVar[tuple[str, ...]] = ()
+    #: Names of the method in eval/paper_results.csv.
+    paper_aliases: ClassVar[tuple[str, ...]] = ()
+
+    # -- what tests and benchmarks use (never part of a preset) -----------------------------
+    #: Options that make the method small enough for multi-process tests on two CPU cores.
+    small_options: ClassVar[dict[str, Any]] = {}
+    #: Options under which W processes must compute what one process computes, for a method
+    #: whose official default keeps some statistic per process by design.
+    world_invariant_options: ClassVar[dict[str, Any]] = {}
+    #: Performance target: a training step at most this many times SimCLR's (eval.bench).
+    step_time_vs_simclr: ClassVar[float] = 1.25
 
     @classmethod
     def make_config(cls, **options: Any) -> Any:
+        """The method's Config from ``options``; unknown options and invalid values are errors.
+        ``preset`` (the preset's name, in every run config) is dropped when Config has no such
+        field."""
+        if "preset" not in {f.name for f in dataclasses.fields(cls.Config)}:
+            options.pop("preset", None)
         config = _build_dataclass(cls.Config, options, f"method {cls.name!r}")
         cls.validate_config(config)
         return config
@@ -129,6 +170,19 @@ class SSLMethod(nn.Module, abc.ABC):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Per-step state updated after the optimiser step (EMA encoders that update late)."""
 
+    def updates_ema_in_training_step(self) -> bool:
+        """True when ``training_step`` itself updates a momentum encoder (MoCo's
+        ``ema_timing=before_keys``): with gradient accumulation that runs once per micro-batch."""
+        return False
+
+    def local_bn_modules(self) -> list[nn.Module]:
+        """Modules whose BatchNorm stays per process under W > 1 (not converted to SyncBN)."""
+        return []
+
+    def uses_shuffle_bn(self) -> bool:
+        """True when the key encoder runs under cross-process shuffle-BN (with W > 1)."""
+        return False
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters, split so the optimiser can exclude 1-D ones from LARS/decay."""
         matrices, vectors = [], []
@@ -145,3 +199,22 @@ class SSLMethod(nn.Module, abc.ABC):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, d), before any projector; the only thing evaluation sees."""
         return self.backbone(images)
+
+
+class ReferenceMethod(SSLMethod):
+    """A reference row: evaluated exactly like a method, never trained (``trains = False``).
+
+    The engine builds it, skips the training loop and evaluates ``embed``; a call of
+    ``training_step`` is a mistake and says so.
+    """
+
+    trains: ClassVar[bool] = False
+    is_reference: ClassVar[bool] = True
+
+    def training_step(
+        self, views: list[torch.Tensor], indices: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        raise RuntimeError(
+            f"method {self.name!r} is a reference row with nothing to train (trains = False): "
+            "the engine evaluates it without a training loop, so training_step must not be called"
+        )

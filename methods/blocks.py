@@ -1,15 +1,21 @@
-"""Building blocks shared by the methods, each written once.
+"""Building blocks that two or more methods share, each written once (a piece only one method
+uses lives in that method's file).
 
-- ``l2_normalize``: ẑ = z / max(‖z‖₂, 1e-8), the harness-wide cosine normalisation.
-- ``projection_mlp``: the Linear/BN/ReLU projector and predictor stacks of every method.
+- ``l2_normalize``: ẑ = z / max(‖z‖₂, 1e-8), the harness-wide cosine normalisation;
+  ``at_least_float32`` and ``float32_region``: the losses' float32 under mixed precision.
+- ``projection_mlp``: the Linear/BN/ReLU projector and predictor stacks of every method;
+  ``build_projector`` (SimCLR's projectors, GroCo's too), ``build_nnclr_projector`` and
+  ``build_nnclr_predictor`` (NNCLR's heads, All4One's too), ``NormLinear`` (MoCo, CLD).
 - ``gather`` / ``GatherWithGrad``: all-gather over processes; the backward pass *sums* the incoming
   gradients across processes and returns this process's slice (solo-learn's GatherLayer rule), so
   W processes with B/W samples each match one process with B samples.
-- ``MomentumEncoder``: an EMA copy of online modules, θ_k ← m·θ_k + (1−m)·θ_q, with the
-  constant or cosine (m → 1) momentum schedules.
+- ``MomentumEncoder``: an EMA copy of online modules, θ_k ← m·θ_k + (1−m)·θ_q.
 - ``FeatureQueue``: a FIFO memory of detached, gathered embeddings, with cosine nearest-neighbour
   lookup that sees only the filled part.
 - ``SplitBatchNorm2d``: BatchNorm over ``splits`` sub-batches (ASCL / MoCo-CIFAR's split BN).
+- ``multi_positive_infonce``: InfoNCE with several positives per anchor (SimCLR, NNCLR).
+- ``IndexLabelsMixin``: optional pre-training labels for the neighbour diagnostics (NNCLR,
+  All4One).
 """
 
 from __future__ import annotations
@@ -31,6 +37,18 @@ COSINE_EPS = 1e-8
 def l2_normalize(z: torch.Tensor) -> torch.Tensor:
     """ẑ = z / max(‖z‖₂, 1e-8) along the last dimension."""
     return F.normalize(z, dim=-1, eps=COSINE_EPS)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bfloat16/float32 inputs (losses run in float32 under mixed precision);
+    float64 stays float64 (reference checks, gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def float32_region(x: torch.Tensor) -> torch.autocast:
+    """Autocast switched off on ``x``'s device: casting the inputs alone is not enough, because
+    autocast would run the similarity matmuls in half precision again."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,15 +83,46 @@ def projection_mlp(
 
 
 class NormLinear(nn.Module):
-    """Linear layer with unit-norm weight rows, no bias: cosine logits (CLD's ``NormedLinear``)."""
+    """Linear layer with unit-norm weight rows, no bias: cosine logits (CLD's ``NormedLinear``).
+
+    ``weight`` is (out, in) like ``nn.Linear``'s; its rows are the columns of CLD's (in, out)
+    weight. It starts as CLD's does: a uniform draw in [−1, 1] of the (in, out) matrix, each
+    column renormalised to norm 1 (``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)``). The layer
+    is scale-invariant in its weight, so a smaller initial norm would act as a larger step size.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        weight = torch.empty(in_features, out_features).uniform_(-1.0, 1.0)
+        weight = weight.renorm(2, 1, 1e-5).mul(1e5)
+        self.weight = nn.Parameter(weight.t().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, l2_normalize(self.weight))
+
+
+def build_projector(kind: str, in_dim: int, hidden: int, out: int) -> torch.nn.Module:
+    """``solo``: Linear→ReLU→Linear; ``paper``: Linear(d→d)→ReLU→Linear; ``groco``: GroCo's
+    3 × (Linear no-bias → BN → ReLU) with the last BN non-affine (GroCo's RegularProjection)."""
+    if kind == "solo":
+        return projection_mlp([in_dim, hidden, out])
+    if kind == "paper":
+        return projection_mlp([in_dim, in_dim, out])
+    return projection_mlp(
+        [in_dim, in_dim, in_dim, out], hidden_bn=True, last_bn=True, last_bn_affine=False,
+        hidden_bias=False,
+    )
+
+
+def build_nnclr_projector(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    """Linear(d→h) → BN → ReLU → Linear(h→h) → BN → ReLU → Linear(h→D) → BN, biases kept
+    (paper and solo-learn)."""
+    return projection_mlp([in_dim, hidden, hidden, out], hidden_bn=True, last_bn=True)
+
+
+def build_nnclr_predictor(dim: int, hidden: int) -> nn.Sequential:
+    """Linear(D→h) → BN → ReLU → Linear(h→D)."""
+    return projection_mlp([dim, hidden, dim], hidden_bn=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,16 +179,6 @@ def gather(x: torch.Tensor, *, with_grad: bool, backward: str = "sum") -> torch.
 # --------------------------------------------------------------------------------------------
 # momentum encoder
 # --------------------------------------------------------------------------------------------
-def momentum_at(base: float, final: float, step: int, total_steps: int, schedule: str) -> float:
-    """Momentum for ``step``: constant ``base``, or BYOL's cosine from ``base`` to ``final``."""
-    if schedule == "constant":
-        return base
-    if schedule == "cosine":
-        progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-        return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
-    raise MethodConfigError(f"invalid momentum schedule {schedule!r}; valid: constant, cosine")
-
-
 class MomentumEncoder(nn.Module):
     """An exponential moving average of online modules; never receives gradients.
 
@@ -287,6 +326,10 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         ).view(n, c, h, w)
         self.running_mean.copy_(running_mean.view(self.splits, c).mean(dim=0))
         self.running_var.copy_(running_var.view(self.splits, c).mean(dim=0))
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # back to the input's NHWC order, so the next convolution and pooling run on the
+            # channels-last kernels as they do after a plain BN (the values are unchanged)
+            out = out.contiguous(memory_format=torch.channels_last)
         return out
 
 
@@ -319,7 +362,8 @@ def multi_positive_infonce(
     at least one positive. Entries in neither mask (the anchor itself, masked views) are ignored.
     Computed with logsumexp, so large logits cannot overflow.
     """
-    if not bool(positive.any(dim=1).all()):
+    # (a data-dependent check: skipped while torch.compile traces, where it would break the graph)
+    if not torch.compiler.is_compiling() and not bool(positive.any(dim=1).all()):
         raise ValueError("every anchor needs at least one positive")
     neg_inf = torch.finfo(logits.dtype).min
     pos_term = logits.masked_fill(~positive, neg_inf).logsumexp(dim=1)
@@ -327,124 +371,19 @@ def multi_positive_infonce(
     return (all_term - pos_term).mean()
 
 
-def keep_topk(mask: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Restrict each row of ``mask`` to its ``k`` entries with the largest ``scores``."""
-    masked = scores.masked_fill(~mask, float("-inf"))
-    top = masked.topk(k, dim=1).indices
-    kept = torch.zeros_like(mask)
-    kept.scatter_(1, top, True)
-    return kept & mask
-
-
 # --------------------------------------------------------------------------------------------
-# batch k-means (CLD) and per-step random streams
+# diagnostics
 # --------------------------------------------------------------------------------------------
-KMEANS_INITS = ("first_k", "random")
+class IndexLabelsMixin:
+    """Optional labels of the pre-training images, for the ``nn_label_acc`` diagnostic only.
 
-
-def generator_from_global_rng(device: torch.device | str | None = None) -> torch.Generator:
-    """A CPU generator seeded by one draw from torch's global CPU RNG.
-
-    The engine seeds the global RNG per epoch, so the stream is reproducible; with W > 1 the seed
-    is broadcast from rank 0 so that every process draws the same permutations (a clustering or a
-    batch shuffle that differed between processes would break the gathered-gradient rule).
-    ``device`` is where the broadcast buffer lives (NCCL needs a CUDA tensor).
+    The subclass registers a non-persistent ``index_labels`` buffer (None until labels are set),
+    so checkpoints never depend on whether labels were attached.
     """
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.long)
-    if world_size() > 1:
-        buffer = seed.to(device if device is not None else "cpu")
-        dist.broadcast(buffer, src=0)
-        seed = buffer.cpu()
-    return torch.Generator().manual_seed(int(seed.item()))
 
+    index_labels: torch.Tensor | None
 
-def _kmeans_slack(sq_x: torch.Tensor, sq_c: torch.Tensor) -> torch.Tensor:
-    # The matmul form ‖x‖² − 2x·c + ‖c‖² is only used to shortlist centroids; its rounding error
-    # is a few ulp of ‖x‖² + ‖c‖² in IEEE float32, up to ~1e-3 relative when float32 matmuls run
-    # in TF32 (or bf16) on a GPU. The shortlist keeps everything within a generous multiple.
-    try:
-        ieee = sq_x.dtype == torch.float64 or torch.get_float32_matmul_precision() == "highest"
-    except RuntimeError:  # torch refuses to report it when legacy and new TF32 flags are mixed
-        ieee = False
-    rtol = 1e-4 if ieee else 2e-2
-    return rtol * (sq_x + sq_c.max().clamp_min(0)) + 1e-12
-
-
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Γ(i) = argmin_j Σ_d (x_id − c_jd)², the lowest index on ties (``argmin``'s rule).
-
-    The distance is the direct sum of squared differences, as CLD's ``KMeans`` computes it (so a
-    point sitting exactly on a centroid is at distance exactly 0). Materialising the (N, K, D)
-    difference tensor costs ~50× a matmul on a CPU, so candidates are shortlisted with the
-    expanded form and only those pairs get the direct distance; every centroid within the
-    expanded form's error bound of the row minimum is a candidate, so the result is the direct
-    form's argmin.
-    """
-    sq_x = (x * x).sum(dim=1, keepdim=True)
-    sq_c = (centroids * centroids).sum(dim=1)
-    approx = sq_x - 2.0 * (x @ centroids.T) + sq_c
-    best = approx.min(dim=1, keepdim=True).values
-    rows, cols = (approx <= best + _kmeans_slack(sq_x, sq_c)).nonzero(as_tuple=True)
-    exact = torch.full_like(approx, float("inf"))
-    exact[rows, cols] = ((x[rows] - centroids[cols]) ** 2).sum(dim=-1)
-    return exact.argmin(dim=1)
-
-
-def cluster_means(x: torch.Tensor, assignments: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """M_j = Σ_{i: Γ(i)=j} x_i / max(n_j, 1): an empty cluster gets count 1 and sum 0, i.e. a
-    zero centroid (CLD's ``labels_count_all`` rule). Differentiable in ``x``."""
-    sums = x.new_zeros(n_clusters, x.shape[1]).index_add(0, assignments, x)
-    counts = torch.bincount(assignments, minlength=n_clusters).clamp_min(1).to(x.dtype)
-    return sums / counts[:, None]
-
-
-def spherical_kmeans(
-    x: torch.Tensor,
-    n_clusters: int,
-    n_iters: int,
-    generator: torch.Generator | None = None,
-    init: str = "first_k",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch k-means of the rows of ``x`` (N, D), exactly as CLD's ``spectral_clustering.KMeans``.
-
-    Meant for unit rows (CLD's group embeddings) but the rows are used as given:
-
-    1. Initial centroids: the first min(k, N) rows (``first_k``, CLD), or min(k, N) distinct rows
-       drawn with ``generator`` (``random``; torch's default generator when None).
-    2. ``n_iters`` times: assign Γ(i) = argmin_j Σ_d (x_id − c_jd)² (direct form, lowest index on
-       ties), then recompute c_j = Σ_{Γ(i)=j} x_i / max(n_j, 1) for j < k. With k > N the first
-       assignment therefore sees N centroids and later ones k, the surplus ones zero.
-    3. Returns ``(centroids (k, D), assignments (N,))``: the labels of the last assignment and the
-       means recomputed from them.
-
-    Centroids are **not** re-normalised (norm ≤ 1 for unit rows) and an empty cluster's centroid
-    is 0. They carry gradient to ``x`` (only through the final means; the assignments are
-    discrete and the earlier iterations only choose them), as in CLD, where they are built by
-    scatter-add from the undetached features. Runs in float32 (float64 kept) with autocast off,
-    on ``x``'s device; the random initialisation is drawn on the CPU, so it is the same on every
-    device for a given generator state.
-    """
-    if x.ndim != 2 or x.shape[0] < 1:
-        raise ValueError(f"k-means needs a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
-    if n_clusters < 1 or n_iters < 1:
-        raise ValueError(
-            f"k-means needs n_clusters >= 1 and n_iters >= 1, got {n_clusters} and {n_iters}"
-        )
-    if init not in KMEANS_INITS:
-        raise ValueError(f"invalid k-means init {init!r}; valid: {', '.join(KMEANS_INITS)}")
-    if x.dtype != torch.float64:
-        x = x.float()
-    n = x.shape[0]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        with torch.no_grad():
-            points = x.detach()
-            if init == "first_k":
-                centroids = points[:n_clusters].clone()
-            else:
-                pick = torch.randperm(n, generator=generator)[:n_clusters].to(x.device)
-                centroids = points[pick]
-            for it in range(n_iters):
-                assignments = nearest_centroid(points, centroids)
-                if it + 1 < n_iters:
-                    centroids = cluster_means(points, assignments, n_clusters)
-        return cluster_means(x, assignments, n_clusters), assignments
+    def set_train_labels(self, labels: torch.Tensor) -> None:
+        """Labels (N,) of the pre-training split by image index (−1: unlabelled); logging only."""
+        device = next(self.parameters()).device  # type: ignore[attr-defined]
+        self.index_labels = labels.detach().long().to(device)

@@ -1,4 +1,4 @@
-"""CLD: cross-level instance-group discrimination on top of MoCo or SimCLR (spec cld.md).
+"""CLD: cross-level instance-group discrimination on top of MoCo or SimCLR (docs/methods/cld.md).
 
 Next to the unchanged instance branch (MoCo's queue InfoNCE, or SimCLR's NT-Xent with
 ``base_loss=simclr``), a group head embeds the two online views; each view's batch is clustered by
@@ -17,11 +17,11 @@ with λ = 0); with ``base_loss=simclr`` the matched base is this method with ``c
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,23 +34,148 @@ from methods.base import (
     check_positive,
 )
 from methods.blocks import (
-    KMEANS_INITS,
+    FeatureQueue,
     MomentumEncoder,
     NormLinear,
+    at_least_float32,
+    convert_split_bn,
+    float32_region,
     gather,
-    generator_from_global_rng,
     l2_normalize,
-    spherical_kmeans,
     world_size,
 )
 from methods.moco import HEADS as MOCO_HEADS
-from methods.moco import MoCo, MoCoConfig, moco_infonce_loss
+from methods.moco import (
+    MoCoConfig,
+    build_head,
+    check_moco_batch,
+    check_moco_options,
+    moco_infonce_loss,
+    moco_view_kinds,
+    momentum_keys,
+)
 from methods.simclr import nt_xent_loss
 
 CLD_HEADS = (*MOCO_HEADS, "normmlp")
 BASE_LOSSES = ("moco", "simclr")
 CENTROIDS = ("raw", "normalized")
 KMEANS_SCOPES = ("global", "local")
+
+
+# --------------------------------------------------------------------------------------------
+# batch k-means and its per-step random stream
+# --------------------------------------------------------------------------------------------
+KMEANS_INITS = ("first_k", "random")
+
+
+def generator_from_global_rng(device: torch.device | str | None = None) -> torch.Generator:
+    """A CPU generator seeded by one draw from torch's global CPU RNG.
+
+    The engine seeds the global RNG per epoch, so the stream is reproducible; with W > 1 the seed
+    is broadcast from rank 0 so that every process draws the same permutations (a clustering or a
+    batch shuffle that differed between processes would break the gathered-gradient rule).
+    ``device`` is where the broadcast buffer lives (NCCL needs a CUDA tensor).
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.long)
+    if world_size() > 1:
+        buffer = seed.to(device if device is not None else "cpu")
+        dist.broadcast(buffer, src=0)
+        seed = buffer.cpu()
+    return torch.Generator().manual_seed(int(seed.item()))
+
+
+def _kmeans_slack(sq_x: torch.Tensor, sq_c: torch.Tensor) -> torch.Tensor:
+    # The matmul form ‖x‖² − 2x·c + ‖c‖² is only used to shortlist centroids; its rounding error
+    # is a few ulp of ‖x‖² + ‖c‖² in IEEE float32, up to ~1e-3 relative when float32 matmuls run
+    # in TF32 (or bf16) on a GPU. The shortlist keeps everything within a generous multiple.
+    try:
+        ieee = sq_x.dtype == torch.float64 or torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # torch refuses to report it when legacy and new TF32 flags are mixed
+        ieee = False
+    rtol = 1e-4 if ieee else 2e-2
+    return rtol * (sq_x + sq_c.max().clamp_min(0)) + 1e-12
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Γ(i) = argmin_j Σ_d (x_id − c_jd)², the lowest index on ties (``argmin``'s rule).
+
+    The distance is the direct sum of squared differences, as CLD's ``KMeans`` computes it (so a
+    point sitting exactly on a centroid is at distance exactly 0). Materialising the (N, K, D)
+    difference tensor costs ~50× a matmul on a CPU, so candidates are shortlisted with the
+    expanded form and only those pairs get the direct distance; every centroid within the
+    expanded form's error bound of the row minimum is a candidate, so the result is the direct
+    form's argmin.
+    """
+    sq_x = (x * x).sum(dim=1, keepdim=True)
+    sq_c = (centroids * centroids).sum(dim=1)
+    approx = sq_x - 2.0 * (x @ centroids.T) + sq_c
+    best = approx.min(dim=1, keepdim=True).values
+    rows, cols = (approx <= best + _kmeans_slack(sq_x, sq_c)).nonzero(as_tuple=True)
+    exact = torch.full_like(approx, float("inf"))
+    exact[rows, cols] = ((x[rows] - centroids[cols]) ** 2).sum(dim=-1)
+    return exact.argmin(dim=1)
+
+
+def cluster_means(x: torch.Tensor, assignments: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """M_j = Σ_{i: Γ(i)=j} x_i / max(n_j, 1): an empty cluster gets count 1 and sum 0, i.e. a
+    zero centroid (CLD's ``labels_count_all`` rule). Differentiable in ``x``."""
+    sums = x.new_zeros(n_clusters, x.shape[1]).index_add(0, assignments, x)
+    counts = torch.bincount(assignments, minlength=n_clusters).clamp_min(1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+# Under torch.compile k-means runs eagerly, one graph break per call: its candidate shortlist has
+# a data-dependent shape (nonzero) and its slack depends on the float32 matmul precision setting.
+@torch.compiler.disable
+def spherical_kmeans(
+    x: torch.Tensor,
+    n_clusters: int,
+    n_iters: int,
+    generator: torch.Generator | None = None,
+    init: str = "first_k",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch k-means of the rows of ``x`` (N, D), exactly as CLD's ``spectral_clustering.KMeans``.
+
+    Meant for unit rows (CLD's group embeddings) but the rows are used as given:
+
+    1. Initial centroids: the first min(k, N) rows (``first_k``, CLD), or min(k, N) distinct rows
+       drawn with ``generator`` (``random``; torch's default generator when None).
+    2. ``n_iters`` times: assign Γ(i) = argmin_j Σ_d (x_id − c_jd)² (direct form, lowest index on
+       ties), then recompute c_j = Σ_{Γ(i)=j} x_i / max(n_j, 1) for j < k. With k > N the first
+       assignment therefore sees N centroids and later ones k, the surplus ones zero.
+    3. Returns ``(centroids (k, D), assignments (N,))``: the labels of the last assignment and the
+       means recomputed from them.
+
+    Centroids are **not** re-normalised (norm ≤ 1 for unit rows) and an empty cluster's centroid
+    is 0. They carry gradient to ``x`` (only through the final means; the assignments are
+    discrete and the earlier iterations only choose them), as in CLD, where they are built by
+    scatter-add from the undetached features. Runs in float32 (float64 kept) with autocast off,
+    on ``x``'s device; the random initialisation is drawn on the CPU, so it is the same on every
+    device for a given generator state.
+    """
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"k-means needs a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
+    if n_clusters < 1 or n_iters < 1:
+        raise ValueError(
+            f"k-means needs n_clusters >= 1 and n_iters >= 1, got {n_clusters} and {n_iters}"
+        )
+    if init not in KMEANS_INITS:
+        raise ValueError(f"invalid k-means init {init!r}; valid: {', '.join(KMEANS_INITS)}")
+    x = at_least_float32(x)
+    n = x.shape[0]
+    with float32_region(x):
+        with torch.no_grad():
+            points = x.detach()
+            if init == "first_k":
+                centroids = points[:n_clusters].clone()
+            else:
+                pick = torch.randperm(n, generator=generator)[:n_clusters].to(x.device)
+                centroids = points[pick]
+            for it in range(n_iters):
+                assignments = nearest_centroid(points, centroids)
+                if it + 1 < n_iters:
+                    centroids = cluster_means(points, assignments, n_clusters)
+        return cluster_means(x, assignments, n_clusters), assignments
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,14 +212,15 @@ def cross_level_cross_entropy(
             f"cross_level_cross_entropy: labels must be integer cluster indices of shape ({n},), "
             f"got {labels.dtype} {tuple(labels.shape)}"
         )
-    if n and not 0 <= int(labels.min()) <= int(labels.max()) < k:
+    # (a data-dependent check: skipped while torch.compile traces, where it would break the graph)
+    if n and not torch.compiler.is_compiling() and not 0 <= int(labels.min()) <= int(labels.max()) < k:
         raise ValueError(
             f"cross_level_cross_entropy: labels must lie in [0, {k}) for {k} centroids, got "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
-    with torch.autocast(device_type=anchors.device.type, enabled=False):
-        g = l2_normalize(_at_least_fp32(anchors))
-        m = _at_least_fp32(centroids)
+    with float32_region(anchors):
+        g = l2_normalize(at_least_float32(anchors))
+        m = at_least_float32(centroids)
         if centroid_mode == "normalized":
             m = l2_normalize(m)
         logits = g @ m.T / temperature
@@ -132,8 +258,8 @@ def cross_level_discrimination(
     ``centroid_grad=False`` detaches M (gradient only through the anchors).
     """
     check_matrices("cross_level_discrimination", group1=group1, group2=group2)
-    g1 = l2_normalize(_at_least_fp32(group1))
-    g2 = l2_normalize(_at_least_fp32(group2))
+    g1 = l2_normalize(at_least_float32(group1))
+    g2 = l2_normalize(at_least_float32(group2))
     m1, labels1 = spherical_kmeans(g1, clusters, num_iters, generator, kmeans_init)
     m2, labels2 = spherical_kmeans(g2, clusters, num_iters, generator, kmeans_init)
     if not centroid_grad:
@@ -145,13 +271,10 @@ def cross_level_discrimination(
     with torch.no_grad():
         # the official "Top-1 acc": argmax over view 2's centroids, the raw affinities
         accuracy = ((g1 @ m2.T).argmax(dim=1) == labels2).float().mean()
-        used = (
-            0.5
-            * (
-                torch.bincount(labels1, minlength=clusters).gt(0).sum()
-                + torch.bincount(labels2, minlength=clusters).gt(0).sum()
-            ).float()
-        )
+        # (non-empty clusters counted by a fixed-shape fill: bincount's shape depends on data)
+        used = 0.5 * sum(
+            labels.new_zeros(clusters).index_fill_(0, labels, 1).sum() for labels in (labels1, labels2)
+        ).float()
     return CLDTerms(loss, accuracy, used)
 
 
@@ -174,35 +297,38 @@ def cld_loss(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class CLDConfig(MoCoConfig):
-    """Defaults: the CIFAR-10 MoCo+CLD script (cld.md §6), harness clustering scope ``global``."""
+    """Defaults: the CIFAR-10 MoCo+CLD script, harness clustering scope ``global``; the instance
+    branch's options are MoCo's, those not restated here with MoCo's defaults. ``views=2`` (two
+    online views and the symmetric MoCo term) needs ``direction=symmetric``."""
 
     preset: str = "cld"
+    # instance branch
     temperature: float = 0.07  # instance τ (MoCo) or NT-Xent τ (base_loss=simclr)
     queue_size: int = 12288
-    momentum: float = 0.999
-    dim: int = 128
-    head: str = "normlinear"  # linear | normlinear | mlp | normmlp (ImageNet NormMLP)
-    head_hidden_dim: int | None = None
-    views: int = 3
-    direction: str = "one_way"
-    key_view: str = "same"
-    ema_timing: str = "after_step"
-    bn_splits: int = 1
-    queue_init: str = "uniform"
-    base_loss: str = "moco"  # moco (official) | simclr (NT-Xent on the two online views)
-    clusters: int = 200  # k (--clusters)
+    head: str = "normlinear"  # linear | normlinear (CIFAR) | mlp | normmlp (ImageNet NormMLP)
+    views: int = 3  # 3: two online crops + one key crop (official) | 2
+    ema_timing: str = "after_step"  # after_step (CIFAR code) | before_keys (ImageNet builder)
+    queue_init: str = "uniform"  # uniform (CLD's MemoryMoCo) | random_unit
+    base_loss: str = "moco"  # moco (official) | simclr (NT-Xent on the two online views; views=2)
+    # group branch
+    clusters: int = 200  # k (--clusters); must not exceed the clustering batch
     cld_t: float = 0.2  # τ_G (--cld_t)
     cld_lambda: float = 0.8  # λ (--Lambda)
-    num_iters: int = 5  # T (--num-iters)
-    kmeans_init: str = "first_k"  # first_k (official) | random (seeded)
-    kmeans_scope: str = "global"  # global (harness default) | local (official: per-process batch)
-    centroids: str = "raw"  # raw (official) | normalized
-    centroid_grad: bool = True  # true (official) | false: detach the centroids
+    num_iters: int = 5  # T, k-means iterations (--num-iters)
+    kmeans_init: str = "first_k"  # first_k (official: the first k rows) | random (seeded per step)
+    kmeans_scope: str = "global"  # global (all-gathered batch) | local (official: per process)
+    centroids: str = "raw"  # raw (official: not re-normalised, zero if empty) | normalized
+    centroid_grad: bool = True  # True (official: gradient through the centroids) | False
 
 
 @register_method("cld")
-class CLD(MoCo):
+class CLD(SSLMethod):
     """MoCo (or SimCLR) plus the CLD group branch on the same pooled backbone features.
+
+    The MoCo instance branch is composed from MoCo's pieces (``methods.moco``: head, momentum
+    encoder, queue, keys under shuffle-BN, option and batch checks), built in MoCo's order so
+    that matched seeds give CLD the initial instance branch and queue of moco/cld_base. With
+    ``base_loss=simclr`` there is no momentum encoder and no queue.
 
     Heads: the instance head is MoCo's (``linear``/``normlinear``: one (unit-row) Linear d→D on
     the pooled features; ``mlp``: Linear(d→h)→ReLU→Linear(h→D); ``normmlp``: the same with a
@@ -217,6 +343,26 @@ class CLD(MoCo):
     """
 
     Config = CLDConfig
+    base_presets = ("moco_cld_base",)  # the same three-crop MoCo with λ = 0
+    paper_aliases = ("cld",)
+    small_options = {"clusters": 4}  # k = 200 clusters need batches of >= 200 images
+    optimizer_defaults = {
+        "name": "sgd", "lr": 0.03, "lr_scaling": "linear", "lr_reference_batch": 128,
+        "weight_decay": 8.0e-4, "momentum": 0.9, "schedule": "cld", "warmup_epochs": 5,
+    }
+    # CIFAR-10 script values above (also used for digits, STL-10 and Tiny-ImageNet).
+    dataset_defaults = {
+        "digits": {"queue_size": 1024},
+        "cifar100": {"queue_size": 4096, "cld_lambda": 0.25, "optimizer": {"weight_decay": 7.0e-4}},
+        "imagenet100": {
+            "temperature": 0.2, "queue_size": 65536, "head": "normmlp", "ema_timing": "before_keys",
+            "queue_init": "random_unit", "clusters": 120, "cld_t": 0.4, "cld_lambda": 0.25,
+            "optimizer": {
+                "lr": 0.2, "lr_reference_batch": 512, "weight_decay": 1.0e-4,
+                "schedule": "epoch_cosine",
+            },
+        },
+    }
 
     @classmethod
     def validate_config(cls, config: CLDConfig) -> None:
@@ -233,7 +379,7 @@ class CLD(MoCo):
                 raise MethodConfigError(
                     f"invalid method.{key}={value!r}; it must be an integer >= 1"
                 )
-        super().validate_config(dataclasses.replace(config, head=_moco_head(config.head)))
+        check_moco_options(config, heads=CLD_HEADS)
         if config.base_loss == "simclr" and config.views != 2:
             raise MethodConfigError(
                 f"method.base_loss=simclr uses two views, got method.views={config.views}; "
@@ -246,13 +392,21 @@ class CLD(MoCo):
             )
 
     def __init__(self, backbone: nn.Module, config: CLDConfig) -> None:
-        # MoCo builds backbone, instance head, momentum encoder and queue in the same order as
-        # moco/cld_base, so matched seeds give CLD the base's initial instance branch and queue.
-        super().__init__(backbone, dataclasses.replace(config, head=_moco_head(config.head)))
-        self.config = config
+        convert_split_bn(backbone, config.bn_splits)
+        super().__init__(backbone, config)
+        moco = config.base_loss == "moco"
+        # Built (and registered) in MoCo's order: head, online network, key encoder, queue; the
+        # random draws come in the order head, queue, NormMLP's last layer, group head.
+        self.head = build_head(
+            _moco_head(config.head), self.feature_dim, config.head_hidden_dim, config.dim
+        )
+        self.online = nn.Sequential(self.backbone, self.head)
+        queue = FeatureQueue(config.queue_size, config.dim, init=config.queue_init) if moco else None
         if config.head == "normmlp":
             self.head[-1] = NormLinear(self.head[-1].in_features, config.dim)
+        if moco:
             self.key_encoder = MomentumEncoder(self.online)
+            self.queue = queue
         last = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
         in_dim = last.weight.shape[1]
         self.group_head = (
@@ -260,20 +414,24 @@ class CLD(MoCo):
             if config.head in ("normlinear", "normmlp")
             else nn.Linear(in_dim, config.dim)
         )
-        if config.base_loss == "simclr":
-            # SimCLR has neither momentum encoder nor queue; keep the attributes, drop the state.
-            self.key_encoder = None
-            self.queue = None
+        # The key encoder's shuffle-BN with W > 1, as MoCo's (``MoCo.shuffle_bn``).
+        self.shuffle_bn: bool = moco
 
     # -- data ------------------------------------------------------------------------------
     def view_kinds(self) -> list[str]:
         if self.config.base_loss == "simclr":
             return ["shared", "shared"]
-        return super().view_kinds()
+        return moco_view_kinds(self.config)
 
     def local_bn_modules(self) -> list[nn.Module]:
         # the SimCLR base has no key encoder to keep out of SyncBN
-        return super().local_bn_modules() if self.config.base_loss == "moco" else []
+        return [self.key_encoder] if self.uses_shuffle_bn() else []
+
+    def uses_shuffle_bn(self) -> bool:
+        return self.config.base_loss == "moco" and self.shuffle_bn
+
+    def updates_ema_in_training_step(self) -> bool:
+        return self.config.base_loss == "moco" and self.config.ema_timing == "before_keys"
 
     def clustering_batch(self, batch_size: int) -> int:
         """Rows k-means sees per view: the global batch, or the per-process one (scope local)."""
@@ -282,10 +440,9 @@ class CLD(MoCo):
         return batch_size
 
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
+        super().check_batch(batch_size, dataset_size)
         if self.config.base_loss == "moco":
-            super().check_batch(batch_size, dataset_size)
-        else:
-            SSLMethod.check_batch(self, batch_size, dataset_size)
+            check_moco_batch(self.config, self.queue, batch_size, dataset_size)
         rows = self.clustering_batch(batch_size)
         if self.config.clusters > rows:
             raise MethodConfigError(
@@ -295,6 +452,10 @@ class CLD(MoCo):
             )
 
     # -- training --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        return momentum_keys(self.key_encoder, images, self.shuffle_bn)
+
     def _project(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(instance output, group output) of one view, sharing backbone and MLP trunk."""
         features = self.backbone(images)
@@ -372,13 +533,9 @@ class CLD(MoCo):
         return out
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        if self.config.base_loss == "moco":
-            super().after_optimizer_step(step, total_steps)
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half/bfloat16/float32 inputs; float64 kept (reference checks, gradcheck)."""
-    return x if x.dtype == torch.float64 else x.float()
+        cfg = self.config
+        if cfg.base_loss == "moco" and cfg.ema_timing == "after_step":
+            self.key_encoder.update(self.online, cfg.momentum)
 
 
 def _moco_head(head: str) -> str:

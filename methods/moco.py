@@ -1,4 +1,4 @@
-"""MoCo v2: momentum key encoder, FIFO queue of keys, InfoNCE (spec moco.md).
+"""MoCo v2: momentum key encoder, FIFO queue of keys, InfoNCE (docs/methods/moco.md).
 
 Presets (configs/method): ``mocov2`` (default; facebookresearch/moco), ``cld_base`` (CLD's
 three-crop MoCo with λ = 0) and ``ascl_base`` (ASCL's ``--type normal``: weak key view, split BN).
@@ -50,14 +50,15 @@ def moco_infonce_loss(
     q = l2_normalize(query.float())
     k = l2_normalize(key.detach().float())
     positive = (q * k).sum(dim=1, keepdim=True)
-    negative = q @ queue.detach().float().T
+    with torch.autocast(device_type=q.device.type, enabled=False):  # float32 logits
+        negative = q @ queue.detach().float().T
     logits = torch.cat([positive, negative], dim=1) / temperature
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, target)
 
 
 # --------------------------------------------------------------------------------------------
-# Cross-process shuffle-BN (moco.md §4; official moco/builder.py _batch_shuffle_ddp and
+# Cross-process shuffle-BN (docs/methods/moco.md §4; official moco/builder.py _batch_shuffle_ddp and
 # _batch_unshuffle_ddp). Used only when W > 1; on one process a shuffle cannot change BN statistics.
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -84,19 +85,21 @@ def shuffle_bn_forward(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class MoCoConfig:
+    """Defaults: preset ``mocov2`` (facebookresearch/moco)."""
+
     preset: str = "mocov2"
     temperature: float = 0.2
-    queue_size: int = 65536
+    queue_size: int = 4096  # digits: 1024; ImageNet-100: 65,536 (the official ImageNet value)
     momentum: float = 0.999
     dim: int = 128
-    head: str = "mlp"
-    head_hidden_dim: int | None = None
-    views: int = 2
-    direction: str = "one_way"
-    key_view: str = "same"
-    ema_timing: str = "before_keys"
-    bn_splits: int = 1
-    queue_init: str = "random_unit"
+    head: str = "mlp"  # mlp: Linear(d→h)→ReLU→Linear(h→128) | linear | normlinear
+    head_hidden_dim: int | None = None  # None: d
+    views: int = 2  # 3: CLD's three crops (two queries, one key)
+    direction: str = "one_way"  # one_way (official) | symmetric
+    key_view: str = "same"  # same | weak (ASCL's crop+flip teacher view)
+    ema_timing: str = "before_keys"  # before_keys (official MoCo) | after_step (CLD's CIFAR code)
+    bn_splits: int = 1  # split BN in both encoders; 1 = plain BN
+    queue_init: str = "random_unit"  # random_unit | uniform (CLD's MemoryMoCo)
 
 
 def build_head(kind: str, in_dim: int, hidden: int | None, out: int) -> nn.Module:
@@ -109,24 +112,78 @@ def build_head(kind: str, in_dim: int, hidden: int | None, out: int) -> nn.Modul
     return NormLinear(in_dim, out)
 
 
+# --------------------------------------------------------------------------------------------
+# The momentum-contrast pieces, shared with CLD's MoCo instance branch
+# --------------------------------------------------------------------------------------------
+def check_moco_options(config: MoCoConfig, heads: tuple[str, ...] = HEADS) -> None:
+    """Raise MethodConfigError for MoCo option values that cannot be used (``heads``: the valid
+    ``method.head`` values, which CLD extends)."""
+    check_choice("method.head", config.head, heads)
+    check_choice("method.direction", config.direction, DIRECTIONS)
+    check_choice("method.ema_timing", config.ema_timing, EMA_TIMINGS)
+    check_choice("method.views", config.views, (2, 3))
+    check_choice("method.key_view", config.key_view, ("same", "weak"))
+    check_choice("method.queue_init", config.queue_init, FeatureQueue.INITS)
+    check_positive("method.temperature", config.temperature)
+    check_positive("method.queue_size", config.queue_size)
+    if not 0.0 <= config.momentum <= 1.0:
+        raise MethodConfigError(f"invalid method.momentum={config.momentum}; valid: [0, 1]")
+    if config.views == 3 and config.direction == "symmetric":
+        raise MethodConfigError("method.views=3 (three_crop) is one-way; use direction=one_way")
+
+
+def check_moco_batch(
+    config: MoCoConfig, queue: FeatureQueue, batch_size: int, dataset_size: int
+) -> None:
+    """Raise MethodConfigError when the queue does not take whole global batches of keys, holds
+    more keys than the data set has images, or split BN does not divide the batch."""
+    pushed = batch_size * (2 if config.direction == "symmetric" else 1)
+    queue.check_batch(pushed)
+    if queue.size > dataset_size:
+        # The queue's entries are negatives: once it is larger than the data set, every query
+        # meets an older key of its own image among them, a false negative on every step
+        # (NNCLR's and All4One's support sets are neighbours, not negatives, and allow it).
+        fits = dataset_size // pushed * pushed
+        raise MethodConfigError(
+            f"method.queue_size={queue.size} exceeds the {dataset_size} pre-training "
+            "images, so each query would meet stale keys of its own image as negatives; use "
+            + (f"a queue_size <= {fits} (a multiple of {pushed})" if fits else
+               "a smaller batch or a larger data set")
+        )
+    if config.bn_splits > 1 and batch_size % config.bn_splits:
+        raise MethodConfigError(
+            f"method.bn_splits={config.bn_splits} needs a batch divisible by it, "
+            f"got batch_size={batch_size}"
+        )
+
+
+def moco_view_kinds(config: MoCoConfig) -> list[str]:
+    """The online views (``shared``) and, last, the key view (``weak`` or ``shared``)."""
+    key_kind = "weak" if config.key_view == "weak" else "shared"
+    return ["shared"] * (config.views - 1) + [key_kind]
+
+
+@torch.no_grad()
+def momentum_keys(key_encoder: nn.Module, images: torch.Tensor, shuffle_bn: bool) -> torch.Tensor:
+    """Normalised keys; with ``shuffle_bn`` and W > 1 under cross-process shuffle-BN."""
+    if shuffle_bn and world_size() > 1:
+        return l2_normalize(shuffle_bn_forward(key_encoder, images).float())
+    return l2_normalize(key_encoder(images).float())
+
+
 @register_method("moco")
 class MoCo(SSLMethod):
     Config = MoCoConfig
+    paper_aliases = ("moco", "mocov2", "mocov2plus")
+    optimizer_defaults = {
+        "name": "sgd", "lr": 0.03, "lr_scaling": "linear", "lr_reference_batch": 256,
+        "weight_decay": 1.0e-4, "momentum": 0.9, "schedule": "epoch_cosine", "warmup_epochs": 0,
+    }
+    dataset_defaults = {"digits": {"queue_size": 1024}, "imagenet100": {"queue_size": 65536}}
 
     @classmethod
     def validate_config(cls, config: MoCoConfig) -> None:
-        check_choice("method.head", config.head, HEADS)
-        check_choice("method.direction", config.direction, DIRECTIONS)
-        check_choice("method.ema_timing", config.ema_timing, EMA_TIMINGS)
-        check_choice("method.views", config.views, (2, 3))
-        check_choice("method.key_view", config.key_view, ("same", "weak"))
-        check_choice("method.queue_init", config.queue_init, FeatureQueue.INITS)
-        check_positive("method.temperature", config.temperature)
-        check_positive("method.queue_size", config.queue_size)
-        if not 0.0 <= config.momentum <= 1.0:
-            raise MethodConfigError(f"invalid method.momentum={config.momentum}; valid: [0, 1]")
-        if config.views == 3 and config.direction == "symmetric":
-            raise MethodConfigError("method.views=3 (three_crop) is one-way; use direction=one_way")
+        check_moco_options(config)
 
     def __init__(self, backbone: nn.Module, config: MoCoConfig) -> None:
         convert_split_bn(backbone, config.bn_splits)
@@ -137,43 +194,29 @@ class MoCo(SSLMethod):
         self.queue = FeatureQueue(config.queue_size, config.dim, init=config.queue_init)
         # With W > 1 the key encoder runs under cross-process shuffle-BN and keeps per-process BN
         # (the engine leaves ``local_bn_modules`` out of SyncBN). False syncs it like the rest of
-        # the network (the DDP equivalence test compares W = 2 with W = 1 that way). A subclass
-        # whose config has its own ``shuffle_bn`` option (ASCL) sets it from there.
-        self.shuffle_bn: bool = bool(getattr(config, "shuffle_bn", True))
+        # the network (the DDP equivalence test compares W = 2 with W = 1 that way). ASCL sets it
+        # from its ``shuffle_bn`` option.
+        self.shuffle_bn: bool = True
 
     def view_kinds(self) -> list[str]:
-        key_kind = "weak" if self.config.key_view == "weak" else "shared"
-        return ["shared"] * (self.config.views - 1) + [key_kind]
+        return moco_view_kinds(self.config)
 
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         super().check_batch(batch_size, dataset_size)
-        pushed = batch_size * (2 if self.config.direction == "symmetric" else 1)
-        self.queue.check_batch(pushed)
-        if self.queue.size > dataset_size:
-            # The queue's entries are negatives: once it is larger than the data set, every query
-            # meets an older key of its own image among them, a false negative on every step
-            # (NNCLR's and All4One's support sets are neighbours, not negatives, and allow it).
-            fits = dataset_size // pushed * pushed
-            raise MethodConfigError(
-                f"method.queue_size={self.queue.size} exceeds the {dataset_size} pre-training "
-                "images, so each query would meet stale keys of its own image as negatives; use "
-                + (f"a queue_size <= {fits} (a multiple of {pushed})" if fits else
-                   "a smaller batch or a larger data set")
-            )
-        if self.config.bn_splits > 1 and batch_size % self.config.bn_splits:
-            raise MethodConfigError(
-                f"method.bn_splits={self.config.bn_splits} needs a batch divisible by it, "
-                f"got batch_size={batch_size}"
-            )
+        check_moco_batch(self.config, self.queue, batch_size, dataset_size)
 
     def local_bn_modules(self) -> list[nn.Module]:
         return [self.key_encoder] if self.shuffle_bn else []
 
+    def uses_shuffle_bn(self) -> bool:
+        return self.shuffle_bn
+
+    def updates_ema_in_training_step(self) -> bool:
+        return self.config.ema_timing == "before_keys"
+
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
-        if self.shuffle_bn and world_size() > 1:
-            return l2_normalize(shuffle_bn_forward(self.key_encoder, images).float())
-        return l2_normalize(self.key_encoder(images).float())
+        return momentum_keys(self.key_encoder, images, self.shuffle_bn)
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config

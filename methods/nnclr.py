@@ -1,4 +1,4 @@
-"""NNCLR: nearest-neighbour contrastive learning (spec nnclr.md).
+"""NNCLR: nearest-neighbour contrastive learning (docs/methods/nnclr.md).
 
 The anchor of SimCLR's contrast is replaced by its nearest neighbour in a support set of earlier
 embeddings; the positive is the predictor output of the other view, the negatives are the other
@@ -17,7 +17,7 @@ solo-learn's NNCLR, which the default options reproduce:
 
 Public pieces reused by All4One: ``nn_infonce`` (the cross-view InfoNCE with gathered
 candidates), ``support_neighbours`` (cosine top-k in a ``FeatureQueue`` with optional self
-exclusion), ``neighbour_metrics``, ``build_nnclr_projector`` and ``build_nnclr_predictor``.
+exclusion) and ``neighbour_metrics``; the heads both use are in ``methods.blocks``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ from methods.base import (
 )
 from methods.blocks import (
     FeatureQueue,
+    IndexLabelsMixin,
+    build_nnclr_predictor,
+    build_nnclr_projector,
+    float32_region,
     gather,
     l2_normalize,
     multi_positive_infonce,
-    projection_mlp,
     rank,
 )
 from methods.simclr import nt_xent_loss
@@ -48,12 +51,6 @@ from methods.simclr import nt_xent_loss
 LOSS_FORMS = ("cross_view", "ntxent")
 QUEUE_INITS = ("random_unit", "empty")
 QUEUE_VIEWS = (1, 2)
-
-
-def float32_region(x: torch.Tensor) -> torch.autocast:
-    """Autocast switched off on ``x``'s device: casting the inputs alone is not enough, because
-    autocast would run the similarity matmuls in half precision again."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,54 +211,35 @@ def neighbour_metrics(
 
 
 # --------------------------------------------------------------------------------------------
-# heads
-# --------------------------------------------------------------------------------------------
-def build_nnclr_projector(in_dim: int, hidden: int, out: int) -> nn.Sequential:
-    """Linear(d→h) → BN → ReLU → Linear(h→h) → BN → ReLU → Linear(h→D) → BN, biases kept
-    (paper and solo-learn)."""
-    return projection_mlp([in_dim, hidden, hidden, out], hidden_bn=True, last_bn=True)
-
-
-def build_nnclr_predictor(dim: int, hidden: int) -> nn.Sequential:
-    """Linear(D→h) → BN → ReLU → Linear(h→D)."""
-    return projection_mlp([dim, hidden, dim], hidden_bn=True)
-
-
-class IndexLabelsMixin:
-    """Optional labels of the pre-training images, for the ``nn_label_acc`` diagnostic only.
-
-    The subclass registers a non-persistent ``index_labels`` buffer (None until labels are set),
-    so checkpoints never depend on whether labels were attached.
-    """
-
-    index_labels: torch.Tensor | None
-
-    def set_train_labels(self, labels: torch.Tensor) -> None:
-        """Labels (N,) of the pre-training split by image index (−1: unlabelled); logging only."""
-        device = next(self.parameters()).device  # type: ignore[attr-defined]
-        self.index_labels = labels.detach().long().to(device)
-
-
-# --------------------------------------------------------------------------------------------
 # method
 # --------------------------------------------------------------------------------------------
 @dataclass
 class NNCLRConfig:
+    """Defaults: preset ``solo`` (solo-learn scripts/pretrain/*/nnclr.yaml)."""
+
     preset: str = "solo"
-    temperature: float = 0.2
-    queue_size: int = 65536
-    queue_init: str = "random_unit"
-    queue_view: int = 1
+    temperature: float = 0.2  # solo-learn; paper 0.1 (unverified), lightly 0.5
+    queue_size: int = 65536  # support set M, a multiple of the global batch; digits: 1024
+    queue_init: str = "random_unit"  # random_unit (solo-learn: early neighbours are noise) | empty
+    queue_view: int = 1  # view whose normalised projections fill the queue: 1 (solo-learn) | 2 (lightly)
     proj_hidden_dim: int = 2048
     proj_output_dim: int = 256
     pred_hidden_dim: int = 4096
-    loss_form: str = "cross_view"
-    exclude_self: bool = False
+    loss_form: str = "cross_view"  # cross_view (paper, solo-learn) | ntxent (lightly's NT-Xent on [NN; p])
+    exclude_self: bool = False  # True: mask stored copies of the anchor image before the arg-max (clean)
 
 
 @register_method("nnclr")
 class NNCLR(IndexLabelsMixin, SSLMethod):
     Config = NNCLRConfig
+    base_presets = ("simclr",)  # NNCLR replaces SimCLR's positive by a neighbour
+    paper_aliases = ("nnclr",)
+    optimizer_defaults = {
+        "name": "lars", "lr": 0.4, "lr_scaling": "linear", "lr_reference_batch": 256,  # lr × B/256
+        "weight_decay": 1.0e-5, "momentum": 0.9, "trust_coefficient": 0.02, "trust_clip": True,
+        "exclude_1d": True, "schedule": "warmup_cosine", "warmup_epochs": 10,
+    }
+    dataset_defaults = {"digits": {"queue_size": 1024}}
 
     @classmethod
     def validate_config(cls, config: NNCLRConfig) -> None:

@@ -1,4 +1,4 @@
-"""SimCLR: multi-view NT-Xent, the pair-wise baseline (spec simclr.md).
+"""SimCLR: multi-view NT-Xent, the pair-wise baseline (docs/methods/simclr.md).
 
 Presets (configs/method): ``solo`` (default; solo-learn's 2048→256 projector, τ 0.2, LARS) and
 ``groco_baseline`` (GroCo repository's SimCLR: its 3-layer projector at D = 128, τ 0.1, LARC).
@@ -12,10 +12,19 @@ import torch
 
 from methods import register_method
 from methods.base import MethodConfigError, SSLMethod, check_choice, check_positive
-from methods.blocks import gather, keep_topk, l2_normalize, multi_positive_infonce, projection_mlp
+from methods.blocks import build_projector, gather, l2_normalize, multi_positive_infonce
 
 MULTIVIEW_MODES = ("sum_in_log", "all_pairs")
 PROJECTORS = ("solo", "groco", "paper")
+
+
+def keep_topk(mask: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Restrict each row of ``mask`` to its ``k`` entries with the largest ``scores``."""
+    masked = scores.masked_fill(~mask, float("-inf"))
+    top = masked.topk(k, dim=1).indices
+    kept = torch.zeros_like(mask)
+    kept.scatter_(1, top, True)
+    return kept & mask
 
 
 def nt_xent_loss(
@@ -51,9 +60,10 @@ def nt_xent_loss(
     check_choice("multiview", multiview, MULTIVIEW_MODES)
     check_positive("temperature", temperature)
     n_views = len(views)
-    z = l2_normalize(torch.cat([v.float() for v in views]))
-    keys = z.detach() if stop_grad else z
-    logits = z @ keys.T / temperature
+    with torch.autocast(device_type=views[0].device.type, enabled=False):  # float32 logits
+        z = l2_normalize(torch.cat([v.float() for v in views]))
+        keys = z.detach() if stop_grad else z
+        logits = z @ keys.T / temperature
     image = torch.arange(batch, device=z.device).repeat(n_views)
     same_image = image[:, None] == image[None, :]
     eye = torch.eye(n_views * batch, dtype=torch.bool, device=z.device)
@@ -79,34 +89,32 @@ def nt_xent_loss(
 
 @dataclass
 class SimCLRConfig:
+    """Defaults: preset ``solo`` (solo-learn scripts/pretrain/*/simclr.yaml)."""
+
     preset: str = "solo"
     temperature: float = 0.2
-    projector: str = "solo"
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 256
+    projector: str = "solo"  # solo: Linear→ReLU→Linear | paper | groco (GroCo's 3-layer BN projector)
+    proj_hidden_dim: int = 2048  # ImageNet-100: 4096
+    proj_output_dim: int = 256  # ImageNet-100: 512
     views: int = 2
-    multiview: str = "sum_in_log"
-    topk_neg: int | None = None
+    multiview: str = "sum_in_log"  # sum_in_log (solo-learn) | all_pairs (GroCo repository); same for V = 2
+    topk_neg: int | None = None  # None: every negative; k: the k hardest (GroCo's truncated control)
     stop_grad: bool = False
     gather: bool = True
-
-
-def build_projector(kind: str, in_dim: int, hidden: int, out: int) -> torch.nn.Module:
-    """``solo``: Linear→ReLU→Linear; ``paper``: Linear(d→d)→ReLU→Linear; ``groco``: GroCo's
-    3 × (Linear no-bias → BN → ReLU) with the last BN non-affine (groco.md §4)."""
-    if kind == "solo":
-        return projection_mlp([in_dim, hidden, out])
-    if kind == "paper":
-        return projection_mlp([in_dim, in_dim, out])
-    return projection_mlp(
-        [in_dim, in_dim, in_dim, out], hidden_bn=True, last_bn=True, last_bn_affine=False,
-        hidden_bias=False,
-    )
 
 
 @register_method("simclr")
 class SimCLR(SSLMethod):
     Config = SimCLRConfig
+    paper_aliases = ("simclr",)
+    optimizer_defaults = {
+        "name": "lars", "lr": 0.4, "lr_scaling": "linear", "lr_reference_batch": 256,  # lr × B/256
+        "weight_decay": 1.0e-4, "momentum": 0.9, "trust_coefficient": 0.02, "trust_clip": True,
+        "exclude_1d": True, "schedule": "warmup_cosine", "warmup_epochs": 10,
+    }
+    dataset_defaults = {
+        "imagenet100": {"proj_hidden_dim": 4096, "proj_output_dim": 512, "optimizer": {"lr": 0.3}},
+    }
 
     @classmethod
     def validate_config(cls, config: SimCLRConfig) -> None:

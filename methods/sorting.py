@@ -1145,8 +1145,9 @@ def _prepare(
     _check_n(n)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
+    # (a data-dependent check: skipped while torch.compile traces, where it would break the graph)
+    finite = None if torch.compiler.is_compiling() else torch.isfinite(x)
+    if finite is not None and not bool(finite.all()):
         row, col = (int(i) for i in torch.nonzero(~finite)[0])
         raise ValueError(f"x must be finite; x[{row}, {col}] = {x[row, col].item()}")
     if network == "bitonic_merge":
@@ -1201,6 +1202,9 @@ def _check_ranks(ranks: Any, n: int, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+# Under torch.compile the sorters run eagerly, one graph break per call: their autograd Functions
+# walk cached Python-side plans (strided views into one state buffer), which dynamo cannot trace.
+@torch.compiler.disable
 def soft_sort(
     x: torch.Tensor,
     network: str = "odd_even",
@@ -1223,7 +1227,7 @@ def soft_sort(
     and P (bit for bit except one-ulp sigmoid differences), gradients to rounding.
 
     ``network="bitonic_merge"`` needs ``split``: x[:, :split] and x[:, split:] must each be sorted
-    ascending, GroCo's ``[negatives ascending | positives ascending]`` (groco.md section 3). The
+    ascending, GroCo's ``[negatives ascending | positives ascending]`` (docs/methods/groco.md §3). The
     second run is reversed, which makes the row bitonic, and only Batcher's merger runs:
     K = ceil(log2 n) layers of ascending half-cleaners (strides 2^(K-1), ..., 1 on the padded
     arrangement) instead of a full network. It is a different relaxation with the same hard limit
@@ -1250,6 +1254,7 @@ def soft_sort(
         return state[:, :, n].t().contiguous(), state[:, :, :n].permute(1, 2, 0).contiguous()
 
 
+@torch.compiler.disable
 def rank_mass(
     x: torch.Tensor,
     ranks: torch.Tensor | Sequence[bool],

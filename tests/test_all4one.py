@@ -17,10 +17,10 @@ from methods.all4one import (
     centroid_sequences,
     feature_barlow_loss,
     feature_rms_loss,
+    momentum_at,
     permuted_position_table,
     standard_position_table,
 )
-from methods.blocks import momentum_at
 from methods.nnclr import nnclr_loss, support_neighbours
 from tests.conftest import compose_config
 from tests.tiny import TinyBackbone, tiny_batch
@@ -178,6 +178,34 @@ def test_transformer_calls_order_and_inputs():
     for got, c_a, nn_a in ((seen[2], c[0], nn1), (seen[3], c[1], nn2)):
         assert torch.allclose(got[:, 0], c_a.detach() + table[0])
         assert torch.allclose(got[:, 1:], nn_a[:, :4] + table[1:])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_centroid_transformer_is_the_standard_encoder_at_slot_0(train):
+    # Same parameters, same dropout draws (the RNG ends in the same state), same slot-0 output and
+    # gradients as nn.TransformerEncoder, in float64 so that only rounding could differ.
+    from methods.all4one import build_centroid_transformer
+
+    torch.manual_seed(0)
+    fast = build_centroid_transformer(16, 4, 24, 0.3, 3).double().train(train)
+    standard = torch.nn.TransformerEncoder(copy.deepcopy(fast.layers[0]), 3,
+                                           enable_nested_tensor=False).double().train(train)
+    standard.load_state_dict(fast.state_dict())
+    x = torch.randn(6, 5, 16, dtype=torch.float64)
+    outputs, grads, after = [], [], []
+    for module, run in ((standard, lambda s: standard(s)[:, 0]), (fast, fast)):
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = run(leaf)
+        after.append(torch.rand(3))
+        out.pow(2).sum().backward()
+        outputs.append(out)
+        grads.append([leaf.grad, *(p.grad for p in module.parameters())])
+    assert outputs[1].shape == (6, 16)
+    assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    assert torch.equal(after[0], after[1])
+    for want, got in zip(*grads, strict=True):
+        assert torch.allclose(want, got, rtol=0, atol=1e-12)
 
 
 def test_loss_is_weighted_sum_of_terms_and_nn_term_is_nnclr():

@@ -99,7 +99,7 @@ def test_loss_hand_case():
 
 
 def reference_ascl(q, k, queue, t1, t2, target, nn_num) -> float:
-    """Per-row loops in float64 following ascl.md §3 steps 1-6."""
+    """Per-row loops in float64 following docs/methods/ascl.md §3 steps 1-6."""
     q = F.normalize(q.double(), dim=1)
     k = F.normalize(k.double(), dim=1)
     queue = queue.double()
@@ -266,6 +266,17 @@ def test_shuffled_forward_restores_order_and_changes_split_membership():
         shuffled_forward(split, x, torch.Generator().manual_seed(4)), expected, atol=1e-6
     )
     assert not torch.allclose(expected, split(x), atol=1e-3)
+
+
+def test_split_bn_keeps_a_channels_last_input_channels_last_with_equal_values():
+    x = torch.randn(8, 3, 4, 5)
+    split = [SplitBatchNorm2d(3, 4).train() for _ in range(2)]
+    plain = split[0](x)
+    nhwc = split[1](x.contiguous(memory_format=torch.channels_last))
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, nhwc)
+    assert torch.equal(split[0].running_mean, split[1].running_mean)
+    assert torch.equal(split[0].running_var, split[1].running_var)
 
 
 def test_step_updates_teacher_before_keys_and_enqueues_shuffled_keys():

@@ -9,8 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from methods import MethodConfigError, build_method
-from methods.blocks import spherical_kmeans
-from methods.cld import cld_loss, cross_level_cross_entropy, cross_level_discrimination
+from methods.blocks import NormLinear
+from methods.cld import (
+    cld_loss,
+    cross_level_cross_entropy,
+    cross_level_discrimination,
+    spherical_kmeans,
+)
 from tests.tiny import TinyBackbone, tiny_views
 
 
@@ -181,6 +186,31 @@ def small_cld(**options) -> torch.nn.Module:
     return build_method("cld", TinyBackbone(), **{**defaults, **options})
 
 
+def test_normlinear_starts_with_unit_columns_of_a_uniform_draw():
+    # CLD's NormedLinear: weight (in, out) = uniform(-1, 1), each column renormalised to norm 1.
+    # Our weight is (out, in), so CLD's columns are its rows.
+    torch.manual_seed(0)
+    layer = NormLinear(96, 128)
+    norms = layer.weight.norm(dim=1)
+    assert norms.shape == (128,)
+    torch.testing.assert_close(norms, torch.ones(128), atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    draw = torch.empty(96, 128).uniform_(-1, 1)
+    torch.testing.assert_close(layer.weight, (draw / draw.norm(dim=0, keepdim=True)).T)
+    assert float(draw.abs().max()) <= 1.0 and float(draw.std()) == pytest.approx(3**-0.5, abs=0.01)
+    # as many random numbers as nn.Linear's init: the draws after it are unchanged
+    after_norm = torch.rand(3)
+    torch.manual_seed(0)
+    torch.nn.init.kaiming_uniform_(torch.empty(128, 96), a=math.sqrt(5))
+    torch.testing.assert_close(torch.rand(3), after_norm)
+    # both heads of the default preset (normlinear) start at unit norm, not Kaiming's ≈ 0.58
+    torch.manual_seed(0)
+    method = small_cld(dim=16)
+    for head in (method.head, method.group_head):
+        assert isinstance(head, NormLinear)
+        torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(16), atol=1e-6, rtol=0)
+
+
 def test_step_grads_reach_online_heads_and_not_the_key_encoder():
     torch.manual_seed(0)
     method = small_cld()
@@ -273,7 +303,10 @@ def test_variants_train_a_step():
     symmetric.training_step(tiny_views(4, views=2), torch.arange(4))
     assert int(symmetric.queue.pointer) == 0  # both key batches: 2 × 4 rows into a queue of 8
     simclr = small_cld(base_loss="simclr", views=2)
-    assert simclr.key_encoder is None and simclr.queue is None
+    # composed from MoCo's pieces: the SimCLR base builds neither momentum encoder nor queue
+    assert not hasattr(simclr, "key_encoder") and not hasattr(simclr, "queue")
+    assert not any(k.startswith(("key_encoder.", "queue.")) for k in simclr.state_dict())
+    assert not simclr.uses_shuffle_bn() and simclr.local_bn_modules() == []
     assert simclr.view_kinds() == ["shared", "shared"]
     simclr.check_batch(6, 100)  # no queue, so no multiple-of-batch rule
 

@@ -1,6 +1,6 @@
-"""GroCo: the loss against hand-computed values, the spec's loss-scale table and an independent
-diffsort-based reimplementation; options, stop-gradients, errors, and an ablation grid on digits
-through the CLI that ends in the report's group-size table and plot."""
+"""GroCo: the loss against hand-computed values, the loss-scale table of docs/methods/groco.md
+and an independent diffsort-based reimplementation; options, stop-gradients, errors, and an
+ablation grid on digits through the CLI that ends in the report's group-size table and plot."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def test_two_element_groups_by_hand():
 @pytest.mark.parametrize("steepness,expected", [
     (1.0, (0.147, 0.202, 0.264)), (5.0, (0.030, 0.202, 0.411)), (10.0, (0.015, 0.202, 0.475)),
 ])
-def test_loss_scale_table_of_the_spec(steepness, expected):
-    """groco.md §7 for n = 11: perfectly ordered, all tied, fully inverted groups."""
+def test_loss_scale_table(steepness, expected):
+    """docs/methods/groco.md §3 for n = 11: perfectly ordered, all tied, fully inverted groups."""
     k = 10
     groups = torch.tensor([[-1.0] * k + [1.0], [0.0] * 11, [1.0] * k + [-1.0]], dtype=torch.float64)
     for backend in BACKENDS:
@@ -166,7 +166,7 @@ def test_well_separated_groups_give_a_small_loss_in_the_steep_limit():
 
 
 def test_bitonic_merge_is_a_different_relaxation():
-    """sorting-networks.md §8: at β = 1 the merge mixes negatives with positives more strongly."""
+    """docs/sorting-networks.md §8: at β = 1 the merge mixes negatives with positives more strongly."""
     generator = torch.Generator().manual_seed(0)
     neg = (torch.rand(64, 10, generator=generator, dtype=torch.float64) * 0.8 - 0.2).sort(1).values
     pos = (torch.rand(64, 1, generator=generator, dtype=torch.float64) * 0.7 + 0.2)

@@ -1,19 +1,34 @@
-"""Registry, SimCLR's NT-Xent and MoCo's queue / momentum semantics."""
+"""Registry, class attributes and hooks, reference rows, presets, SimCLR's NT-Xent and MoCo's
+queue / momentum semantics."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from omegaconf import OmegaConf
 from torch import nn
 
 import methods
-from methods import MethodConfigError, build_method, list_methods
+from engine.config import resolve_run_config
+from methods import (
+    MethodConfigError,
+    build_method,
+    default_grid_presets,
+    get_method_class,
+    list_methods,
+)
 from methods.blocks import FeatureQueue, MomentumEncoder, multi_positive_infonce
+from methods.groco import GroCoConfig
 from methods.moco import moco_infonce_loss
+from methods.presets import method_defaults
 from methods.simclr import nt_xent_loss
+from tests.conftest import REPO, compose_config
 from tests.tiny import TinyBackbone
 
 
@@ -60,6 +75,191 @@ def test_embed_is_pooled_backbone_output():
     x = torch.randn(4, 3, 4, 4)
     assert torch.equal(method.embed(x), backbone(x))
     assert method.embed(x).shape == (4, backbone.num_features)
+
+
+# ------------------------------------------------------- class attributes, hooks, references
+TRAINING = list_methods(trains=True)
+REFERENCES = list_methods(trains=False)
+PRESET_DIR = REPO / "configs" / "method"
+DATASETS = sorted(p.stem for p in (REPO / "configs" / "dataset").glob("*.yaml"))
+
+
+def test_reference_rows_are_registered_and_not_trained():
+    assert REFERENCES == ["pixels", "random_init"]
+    assert len(TRAINING) == len(list_methods()) - 2 >= 7
+    for name in list_methods():
+        cls = get_method_class(name)
+        assert cls.is_reference == (name in REFERENCES) and cls.trains == (name in TRAINING)
+        assert cls.default_preset and (not cls.is_reference or cls.paper_aliases == ())
+
+
+def test_default_grid_presets_come_from_the_registry():
+    presets = default_grid_presets()
+    assert presets[:2] == ["pixels", "random_init"]  # the references first
+    assert len(presets) == len(set(presets))
+    expected = {p for n in list_methods() for p in (get_method_class(n).default_preset,
+                                                    *get_method_class(n).base_presets)}
+    assert set(presets) == expected
+    assert len(presets) == len(list_methods()) + 3  # + moco_ascl_base, moco_cld_base, simclr_groco_baseline
+
+
+def test_base_presets_are_the_default_presets_base():
+    for name in TRAINING:
+        cls = get_method_class(name)
+        default = compose_config([f"method={cls.default_preset}"]).method
+        assert default.name == name
+        bases = set()
+        for preset in cls.base_presets:
+            base = compose_config([f"method={preset}"]).method
+            assert base.name in list_methods() and base.name != name
+            bases.add(f"{base.name}/{base.preset}")
+        assert (default.base is None) == (not bases)
+        assert default.base is None or default.base in bases
+
+
+def test_paper_aliases_name_rows_of_the_paper_table():
+    rows = {line.split(",", 1)[0] for line in (REPO / "eval" / "paper_results.csv").read_text()
+            .splitlines()[1:]}
+    tokens = {token for row in rows for token in re.split(r"[\s(+;)]+", row.lower()) if token}
+    matched = 0
+    for name in TRAINING:
+        aliases = get_method_class(name).paper_aliases
+        assert name in aliases and set(aliases) - {name} <= tokens, name
+        matched += bool(set(aliases) & tokens)
+    assert matched >= len(TRAINING) - 1  # ASCL's papers report no number the table holds
+    assert get_method_class("moco").paper_aliases == ("moco", "mocov2", "mocov2plus")
+
+
+def _restated(node, preset, where=""):
+    """Keys of a preset YAML whose value equals what the defaults node already holds."""
+    out = []
+    for key, value in preset.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            out += _restated(node[key], value, f"{where}{key}.")
+        elif key in node and node[key] == value:
+            out.append(f"{where}{key}")
+    return out
+
+
+def test_preset_yamls_state_only_what_differs_from_the_dataclass():
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        text = yaml.safe_load(path.read_text())
+        (entry,) = [e for e in text.pop("defaults") if e != "_self_"]
+        name = entry.removeprefix("/method_defaults/").removesuffix("@_here_")
+        node = method_defaults(get_method_class(name))
+        assert _restated(node, text) == [], path.name
+        assert set(text) <= set(node), path.name
+        # the dataclass holds every default once: the YAML never states an option's default
+        if get_method_class(name).default_preset == path.stem:
+            assert set(text) <= {"base"}, path.name
+
+
+def test_every_preset_composes_to_the_dataclass_fields_and_resolves_on_every_dataset(tmp_path):
+    for preset in default_grid_presets():
+        method = OmegaConf.to_container(compose_config([f"method={preset}"]).method)
+        cls = get_method_class(method["name"])
+        fields = {f.name for f in dataclasses.fields(cls.Config)} - {"preset"}
+        assert set(method) == {"name", "preset", "base", "optimizer", "auto"} | fields, preset
+        per_dataset = {k for entry in method["auto"].values() for k in entry}
+        for dataset in DATASETS:
+            config = resolve_run_config(compose_config(
+                [f"method={preset}", f"dataset={dataset}", f"results_dir={tmp_path}"]))
+            resolved = config["method"]
+            assert "auto" not in resolved
+            assert all(resolved[k] is not None for k in per_dataset if k != "optimizer"), preset
+            assert all(v is not None for v in resolved["optimizer"].values()), preset
+
+
+def test_dataset_defaults_resolve_per_dataset(tmp_path):
+    def resolved(preset, dataset):
+        cfg = compose_config([f"method={preset}", f"dataset={dataset}", f"results_dir={tmp_path}"])
+        return resolve_run_config(cfg)["method"]
+
+    assert [resolved("moco", d)["queue_size"] for d in ("digits", "cifar10", "imagenet100")] == [
+        1024, 4096, 65536]
+    cld = resolved("cld", "imagenet100")
+    assert (cld["head"], cld["clusters"], cld["optimizer"]["lr"]) == ("normmlp", 120, 0.2)
+    cifar100 = resolved("cld", "cifar100")
+    assert (cifar100["queue_size"], cifar100["cld_lambda"], cifar100["cld_t"]) == (4096, 0.25, 0.2)
+    assert cifar100["optimizer"]["weight_decay"] == 7.0e-4
+    base = resolved("moco_cld_base", "imagenet100")
+    assert (base["head"], base["temperature"], base["views"]) == ("mlp", 0.2, 3)
+    simclr = resolved("simclr_groco_baseline", "imagenet100")  # fixed on every dataset
+    assert (simclr["proj_hidden_dim"], simclr["proj_output_dim"]) == (2048, 128)
+    assert resolved("simclr", "imagenet100")["proj_hidden_dim"] == 4096
+    # the method's defaults, when nothing depends on the dataset
+    assert resolved("groco", "cifar10")["topk_neg"] == GroCoConfig().topk_neg == 10
+
+
+def test_overrides_keep_their_type_and_unknown_options_are_refused():
+    from hydra.errors import ConfigCompositionException
+
+    cfg = compose_config(["method=groco", "method.sorter.steepness=1", "method.topk_neg=20"])
+    assert cfg.method.sorter.steepness == 1 and isinstance(cfg.method.sorter.steepness, int)
+    with pytest.raises(ConfigCompositionException, match="temprature"):
+        compose_config(["method=simclr", "method.temprature=0.1"])
+    with pytest.raises(MethodConfigError, match=r"method.temperature='abc'; it must be a number"):
+        build_method("simclr", TinyBackbone(), temperature="abc")
+
+
+def test_dataset_defaults_must_name_options():
+    @dataclasses.dataclass
+    class BrokenConfig:
+        queue_size: int = 8
+
+    class Broken(methods.SSLMethod):
+        Config = BrokenConfig
+        dataset_defaults = {"digits": {"queue_sise": 16}}
+
+        def training_step(self, views, indices):
+            return {}
+
+    with pytest.raises(TypeError, match="names 'queue_sise', which is not an option; valid: "):
+        methods.register_method("broken_dataset_defaults")(Broken)
+    assert "broken_dataset_defaults" not in list_methods()
+
+
+def test_engine_hooks():
+    moco = build_method("moco", TinyBackbone(), queue_size=8)
+    assert moco.updates_ema_in_training_step() and moco.uses_shuffle_bn()
+    assert moco.local_bn_modules() == [moco.key_encoder]
+    late = build_method("moco", TinyBackbone(), queue_size=8, ema_timing="after_step")
+    assert not late.updates_ema_in_training_step()
+    ascl = build_method("ascl", TinyBackbone(), queue_size=8, bn_splits=1, shuffle_bn=False)
+    assert ascl.updates_ema_in_training_step() and not ascl.uses_shuffle_bn()
+    assert ascl.local_bn_modules() == []
+    cld = build_method("cld", TinyBackbone(), queue_size=8, clusters=2)
+    assert not cld.updates_ema_in_training_step() and cld.uses_shuffle_bn()
+    cld_keys = build_method("cld", TinyBackbone(), queue_size=8, ema_timing="before_keys")
+    assert cld_keys.updates_ema_in_training_step()
+    for name in ("simclr", "groco", "nnclr", "all4one", "pixels", "random_init"):
+        method = build_method(name, TinyBackbone(), **({"queue_size": 256} if "n" in name[:2] else {}))
+        assert not method.updates_ema_in_training_step() and not method.uses_shuffle_bn()
+        assert method.local_bn_modules() == []
+
+
+def test_pixels_embeds_the_flattened_eval_images():
+    backbone = TinyBackbone()
+    method = build_method("pixels", backbone).eval()
+    x = torch.randn(5, 3, 4, 4)
+    features = method.embed(x)
+    assert features.shape == (5, 48)
+    assert torch.equal(features, x.reshape(5, 48)) and torch.equal(features[2, 16:32], x[2, 1].flatten())
+    # channels_last input: the same values in the same (C, H, W) order
+    assert torch.equal(method.embed(x.contiguous(memory_format=torch.channels_last)), features)
+    with pytest.raises(RuntimeError, match="'pixels' is a reference row with nothing to train"):
+        method.training_step([x, x], torch.arange(5))
+
+
+def test_random_init_embeds_with_the_untrained_backbone():
+    torch.manual_seed(0)
+    backbone = TinyBackbone()
+    method = build_method("random_init", backbone).eval()
+    x = torch.randn(4, 3, 4, 4)
+    assert torch.equal(method.embed(x), backbone(x))
+    assert method.embed(x).shape == (4, 8)
+    with pytest.raises(RuntimeError, match="reference row"):
+        method.training_step([x, x], torch.arange(4))
 
 
 # ---------------------------------------------------------------------------------- NT-Xent

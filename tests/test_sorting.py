@@ -31,14 +31,8 @@ CASES = [
 F32_GRAD_LOOSE = ("logistic", "logistic_phi", "gaussian", "optimal")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: intra-op threads only add synchronisation, which costs
-    # milliseconds per op on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one intra-op thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:

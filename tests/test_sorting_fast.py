@@ -16,13 +16,8 @@ NETWORKS = ("odd_even", "bitonic", "bitonic_merge")
 FORMS = {"views": 0, "gathers": 2**62}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one intra-op thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seed(*parts: object) -> torch.Generator:
