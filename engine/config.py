@@ -75,7 +75,7 @@ def known_keys() -> dict[str, frozenset[str]]:
     root = keys(CONFIG_DIR / "config.yaml")
     known = {
         "": frozenset(k for k in root if k not in ("defaults", "hydra"))
-        | {"method", "dataset", "backbone"},
+        | {"method", "dataset", "backbone", "budget"},
         # engine.train.run adds trainer.world_size for W > 1 after resolution
         "trainer": frozenset(root["trainer"]) | {"world_size"},
         "eval": frozenset(root["eval"]),
@@ -150,13 +150,25 @@ def _check_values(config: dict[str, Any]) -> None:
         raise ConfigError(f"invalid results_dir={results_dir!r}; it must be a directory path")
     # Checked without creating anything, so that a grid is refused before its first run trains.
     check_writable_dir(results_dir)
+    _flag("smoke", config.get("smoke", False))
     trainer = config["trainer"]
     _check_device(trainer["device"])
     _choice("trainer.precision", trainer["precision"], PRECISIONS)
+    if trainer["precision"] == "fp16" and str(trainer["device"]).startswith("cpu"):
+        raise ConfigError(
+            "invalid trainer.precision='fp16' with trainer.device='cpu'; fp16 autocast is for "
+            "CUDA; valid on the CPU: auto, bf16, fp32"
+        )
     _whole("trainer.num_workers", trainer["num_workers"], 0)
     _whole("trainer.max_steps_per_epoch", trainer.get("max_steps_per_epoch"), 1, optional=True)
     for key in ("progress", "resume", "skip_finished"):
         _flag(f"trainer.{key}", trainer[key])
+    every = trainer["checkpoint_every_s"]
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+        raise ConfigError(
+            f"invalid trainer.checkpoint_every_s={every!r}; it must be a number of seconds >= 0 "
+            "(0: a checkpoint at the end of every epoch)"
+        )
     if "world_size" in trainer:
         _whole("trainer.world_size", trainer["world_size"], 2)
 
@@ -210,6 +222,7 @@ def resolve_run_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"unknown dataset {name!r}; valid datasets: {', '.join(datasets.list_datasets())}"
         )
+    apply_budget(config)
     trainer = config["trainer"]
     if trainer.get("epochs") is None:
         trainer["epochs"] = dataset["epochs"]
@@ -242,6 +255,75 @@ def resolve_run_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     validate_method(method)
     _check_values(config)
     return config
+
+
+# What a named budget may set for one dataset: the dataset's budget keys (configs/dataset/*.yaml,
+# which hold the default budget) and the trainer's step cap.
+BUDGET_DATASET_KEYS = ("epochs", "batch_size", "backbone", "stem", "warmup_cap_epochs")
+BUDGET_TRAINER_KEYS = ("max_steps_per_epoch",)
+DEFAULT_BUDGET = "default"
+
+
+def budget_names() -> list[str]:
+    """The budgets in configs/budget/ (``budget=<name>`` on the command line), sorted."""
+    return sorted(p.stem for p in (CONFIG_DIR / "budget").glob("*.yaml"))
+
+
+def apply_budget(config: dict[str, Any]) -> None:
+    """Replace the composed ``budget`` node by its name and write its values for this dataset.
+
+    ``default`` (or no budget node) keeps the dataset's own values and adds no key, so run hashes
+    of the default budget do not depend on budgets existing. Any other budget sets the dataset's
+    budget keys (``dataset.epochs``, ``batch_size``, ``backbone``, ``stem``,
+    ``warmup_cap_epochs``) from its table for this dataset, fills ``trainer.max_steps_per_epoch``
+    when that is null, and records ``budget: <name>``. Explicit ``trainer.*``/``backbone.*``
+    overrides still win, as they do over the default budget.
+    """
+    node = config.pop("budget", None)
+    if node is None or isinstance(node, str):  # absent, or already resolved
+        if node not in (None, DEFAULT_BUDGET):
+            config["budget"] = node
+        return
+    if not isinstance(node, dict) or not isinstance(node.get("name"), str):
+        raise ConfigError(
+            f"invalid budget={node!r}; choose one of {', '.join(budget_names())} (budget=<name>)"
+        )
+    name = node["name"]
+    unknown = sorted(set(node) - {"name", "datasets"})
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join('budget.' + k for k in unknown)}; a budget holds name "
+            "and datasets"
+        )
+    if name == DEFAULT_BUDGET:
+        return
+    dataset = config["dataset"]
+    table = node.get("datasets") or {}
+    entry = table.get(dataset["name"])
+    if entry is None:
+        defined = sorted(table)
+        raise ConfigError(
+            f"budget={name!r} is not defined for dataset={dataset['name']!r}; it is defined for "
+            f"{', '.join(defined) if defined else 'no dataset'} (configs/budget/{name}.yaml); "
+            f"use one of those datasets, or budget={DEFAULT_BUDGET}"
+        )
+    if not isinstance(entry, dict):
+        raise ConfigError(f"invalid budget.datasets.{dataset['name']}={entry!r}; it must be a mapping")
+    valid = BUDGET_DATASET_KEYS + BUDGET_TRAINER_KEYS
+    unknown = sorted(set(entry) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)} in budget {name!r} for {dataset['name']}; "
+            f"valid keys: {', '.join(valid)}"
+        )
+    for key in BUDGET_DATASET_KEYS:
+        if key in entry:
+            dataset[key] = copy.deepcopy(entry[key])
+    trainer = config["trainer"]
+    for key in BUDGET_TRAINER_KEYS:
+        if key in entry and trainer.get(key) is None:
+            trainer[key] = entry[key]
+    config["budget"] = name
 
 
 # Defaults of the speed knobs for configs built without configs/config.yaml (plain dicts), so that

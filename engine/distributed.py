@@ -3,7 +3,7 @@
 One run is one global batch of ``trainer.batch_size`` images per step, whatever the number of
 processes W. Each process takes a contiguous 1/W slice of every global batch, and after the backward
 pass the gradients are averaged over processes, so W processes with B/W images each take the same
-optimiser step as one process with B images (spec README §6):
+optimiser step as one process with B images (docs/conventions.md §6):
 
 - a gather with gradients (``methods.blocks.gather``) sums the incoming gradients in its backward
   pass; averaging the parameter gradients afterwards divides that sum back;
@@ -17,9 +17,10 @@ The process group comes from the environment: torchrun's ``RANK``/``WORLD_SIZE``
 (``hydra.launcher.tasks_per_node``). Without either the run is one process and nothing here
 changes what it computes. Backend: ``nccl`` on CUDA, ``gloo`` on CPU.
 
-Data: in-memory datasets are augmented as the whole global batch on every process (the same
-(seed, epoch) generator as one process) and each process keeps its slice, so W processes see
-exactly the images *and* augmentations of one process. File-backed datasets (ImageNet-100,
+Data (``engine.data.TrainBatches`` with ``rank`` and ``world_size``): in-memory datasets are
+augmented as the whole global batch on every process (the same (seed, epoch) generator as one
+process) and each process keeps its slice, so W processes see exactly the images *and*
+augmentations of one process. File-backed datasets (ImageNet-100,
 imagefolder) decode only the process's slice; their random crops are per image (seed, epoch,
 index) and therefore identical too, but the photometric ops on the device draw from a per-rank
 generator (seed, epoch, rank, W): the union over ranks is well defined and reproducible, and it
@@ -36,17 +37,18 @@ import datetime
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader
 
-from engine.data import TrainBatches, derive_seed
+if TYPE_CHECKING:
+    from methods.base import SSLMethod
+
 
 # How long a collective waits for a missing peer before it raises. Rank 0's evaluation comes after
 # the last collective, so the other processes never wait for it.
@@ -418,18 +420,18 @@ def convert_sync_batchnorm(module: nn.Module, exclude: Iterable[nn.Module] = ())
     return sum(1 for v in done.values() if isinstance(v, SyncBatchNorm))
 
 
-def prepare_method(method: nn.Module, world_size: int) -> dict[str, Any]:
-    """SyncBN for W > 1 except the method's per-process BN modules; what was done, for the record."""
+def prepare_method(method: SSLMethod, world_size: int) -> dict[str, Any]:
+    """SyncBN for W > 1 except the method's per-process BN modules (``local_bn_modules()``);
+    what was done, for the record."""
     if world_size == 1:
         return {"sync_bn_layers": 0, "local_bn_modules": []}
-    local_fn = getattr(method, "local_bn_modules", None)
-    local = list(local_fn()) if callable(local_fn) else []
+    local = list(method.local_bn_modules())
     names = [n for n, m in method.named_modules() if any(m is x for x in local)]
     return {"sync_bn_layers": convert_sync_batchnorm(method, local), "local_bn_modules": names}
 
 
 # --------------------------------------------------------------------------------------------
-# data
+# data shards (engine.data.TrainBatches takes its slice of every global batch here)
 # --------------------------------------------------------------------------------------------
 def shard_slice(global_batch: int, rank: int, world_size: int) -> slice:
     """This rank's contiguous part of a global batch; the batch must divide evenly."""
@@ -442,47 +444,10 @@ def shard_slice(global_batch: int, rank: int, world_size: int) -> slice:
     return slice(rank * local, (rank + 1) * local)
 
 
-class ShardedBatches:
-    """This process's slice of every global batch of a ``TrainBatches`` (module docstring)."""
-
-    def __init__(self, batches: TrainBatches, rank: int, world_size: int) -> None:
-        self.batches = batches
-        self.rank = rank
-        self.world_size = world_size
-        self.slice = shard_slice(batches.batch_size, rank, world_size)
-        self.steps_per_epoch = batches.steps_per_epoch
-        self.identical_augmentation = world_size == 1 or batches.split.in_memory
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        if self.world_size == 1:
-            yield from self.batches.epoch(epoch)
-        elif self.batches.split.in_memory:
-            for indices, views in self.batches.epoch(epoch):
-                yield indices[self.slice], [v[self.slice] for v in views]
-        else:
-            yield from self._file_epoch(epoch)
-
-    def _file_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        b = self.batches
-        shards = b.order(epoch)[:, self.slice]
-        b.crops.epoch = epoch
-        generator = torch.Generator(device=b.device)
-        generator.manual_seed(derive_seed(b.seed, "augment", epoch, "rank", self.rank, self.world_size))
-        loader = DataLoader(
-            b.crops, batch_sampler=[s.tolist() for s in shards], num_workers=b.num_workers,
-            pin_memory=b.device.type == "cuda", persistent_workers=False,
-        )
-        for indices, crops in zip(shards, loader, strict=True):
-            crops = [c.to(b.device, non_blocking=True) for c in crops]
-            views = [b.augment.forward_one(i, c, generator=generator) for i, c in enumerate(crops)]
-            yield indices, views
-
-
 __all__ = [
     "DistContext",
     "DistributedError",
     "JobInfo",
-    "ShardedBatches",
     "SyncBatchNorm",
     "all_reduce_mean",
     "average_gradients",

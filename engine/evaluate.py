@@ -1,4 +1,4 @@
-"""Final-checkpoint evaluation (spec protocol.md): frozen features once, then k-NN and the probe.
+"""Final-checkpoint evaluation (docs/protocol.md): frozen features once, then k-NN and the probe.
 
 Features are pooled backbone outputs in ``eval()`` mode, float32, without gradients, for the train
 split (bank / probe fit) and the test split, and are cached next to the checkpoint keyed by the
@@ -16,7 +16,12 @@ import torch
 from datasets import DatasetBundle, ImageSplit
 from engine.data import eval_batches
 from engine.io import atomic_torch_save
-from eval.knn import knn_evaluate, neighbour_label_agreement
+from eval.knn import (
+    agreement_from_neighbours,
+    knn_from_neighbours,
+    nearest_neighbours,
+    resolve_k,
+)
 from eval.linear import linear_probe
 from eval.records import pack_bits
 from methods import SSLMethod
@@ -93,39 +98,41 @@ def evaluate_features(
     chunk_size: int = 1024,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Every metric of protocol.md §3-§4 plus per-image correctness for the statistics of §5."""
+    """Every metric of docs/protocol.md §3-§4 plus per-image correctness for the statistics of §5."""
     if device is not None:
         train_features, test_features = train_features.to(device), test_features.to(device)
         train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    n_train = len(train_features)
     metrics: dict[str, Any] = {}
     correct: dict[str, str] = {}
-    for setting in knn_settings:
-        k, temperature = int(setting["k"]), float(setting["temperature"])
-        k_eff = min(k, len(train_features))
-        result = knn_evaluate(
-            train_features, train_labels, test_features, test_labels,
-            k=k_eff, temperature=temperature, num_classes=num_classes, chunk_size=chunk_size,
+    # One similarity matmul and one top-k pass serve every k below: the canonical neighbour
+    # lists of the largest k contain those of each smaller k as their first columns.
+    settings = [(int(s["k"]), float(s["temperature"])) for s in knn_settings]
+    ks_used = [resolve_k(k, n_train, clamp_k=True) for k, _ in settings]
+    curve_ks = [k for k in CURVE_KS if k <= n_train]
+    agreement_ks = [k for k in AGREEMENT_KS if k <= n_train]
+    top_s, top_i = nearest_neighbours(
+        train_features, test_features, max([*ks_used, *curve_ks, *agreement_ks]), chunk_size
+    )
+    for (k, temperature), k_used in zip(settings, ks_used, strict=True):
+        result = knn_from_neighbours(
+            top_s, top_i, train_labels, test_labels, k_used, temperature, num_classes
         )
         name = f"knn{k}"
         metrics[f"{name}_top1"] = result.top1
         metrics[f"{name}_top5"] = result.top5
         metrics[f"{name}_temperature"] = temperature
-        if k_eff != k:
-            metrics[f"{name}_k_used"] = k_eff
+        if k_used != k:  # fewer bank entries than k: the record names the k actually used
+            metrics[f"{name}_k_used"] = k_used
         correct[name] = pack_bits(result.correct)
     metrics["knn_curve"] = {
-        str(k): knn_evaluate(
-            train_features, train_labels, test_features, test_labels, k=k,
-            temperature=CURVE_TEMPERATURE, num_classes=num_classes, chunk_size=chunk_size,
+        str(k): knn_from_neighbours(
+            top_s, top_i, train_labels, test_labels, k, CURVE_TEMPERATURE, num_classes
         ).top1
-        for k in CURVE_KS
-        if k <= len(train_features)
+        for k in curve_ks
     }
-    agreement = neighbour_label_agreement(
-        train_features, train_labels, test_features, test_labels,
-        ks=tuple(k for k in AGREEMENT_KS if k <= len(train_features)), chunk_size=chunk_size,
-    )
+    agreement = agreement_from_neighbours(top_i, train_labels, test_labels, agreement_ks)
     metrics["neighbour_agreement"] = {str(k): v for k, v in agreement.items()}
     if linear:
         probe = linear_probe(
@@ -135,7 +142,10 @@ def evaluate_features(
         metrics["linear_top5"] = probe.top5
         metrics["linear_lambda"] = probe.chosen_lambda
         metrics["linear_lambda_at_edge"] = probe.lambda_at_edge
-        metrics["linear_converged"] = probe.converged
+        # Every fit converged: the refit and each λ of the grid (a grid fit that stopped early
+        # could have changed which λ was chosen).
+        metrics["linear_converged"] = probe.converged and all(probe.holdout_converged.values())
+        metrics["linear_iterations"] = dict(probe.iterations)
         metrics["linear_backend"] = probe.backend
         correct["linear"] = pack_bits(probe.correct)
     metrics["n_test"] = len(test_labels)

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules of each method's official code (spec recipes.md §5).
+"""Optimisers and learning-rate schedules of each method's official code (docs/recipes.md §5).
 
 Optimisers: ``sgd`` (momentum), ``lars`` (solo-learn: trust η, clip, 1-D params excluded from
 adaptation and decay), ``larc`` (GroCo/apex: trust 0.001, scaling mode, every parameter),

@@ -1,9 +1,16 @@
-"""One run, end to end: seed → data → backbone → method → train → evaluate → record.
+"""One run, end to end, in three parts: ``build`` → ``fit`` → ``finish``.
 
 ``run(cfg)`` takes a composed config (hydra DictConfig or dict), resolves it, and either skips a
-finished run, resumes an interrupted one from its own last checkpoint, or trains from scratch.
-The run directory is keyed by the hash of the fully resolved config, seed included, so two seeds
-(or any two settings) never share a checkpoint.
+finished run, or builds it (seed, data, backbone, method, batches, optimiser), resumes it from its
+own last checkpoint if there is one (``resume``), trains it (``fit``, which writes checkpoints as
+``engine.checkpoint`` describes), then evaluates the final weights and writes the record
+(``finish``; the layout is ``eval.records``'). The run directory is keyed by the hash of the fully
+resolved config, seed included, so two seeds (or any two settings) never share a checkpoint. A
+method that does not train (``SSLMethod.trains`` False: the reference rows) goes from ``build``
+straight to ``finish``: no optimiser, no step, no checkpoint.
+
+``smoke_run(cfg)`` builds a config exactly as ``run`` does and takes a few steps and a small
+evaluation, writing nothing: the pre-flight check of a grid on its real device.
 
 With several processes (torchrun, or a submitit job with ``tasks_per_node > 1``; see
 ``engine.distributed``) every process trains on its slice of each global batch, gradients are
@@ -13,20 +20,22 @@ floating-point reductions make it a different computation from one process.
 
 A run that raises writes a record with ``status: "failed"``, the error and the scheduler job, so
 the report lists it; running the same command again resumes it from its last checkpoint. A
-preemption or time-limit signal (submitit) is not a failure: the job requeues itself and resumes.
+preemption or time-limit signal (SLURM's USR2 through submitit) is not a failure: the run writes a
+checkpoint after the step under way, the job requeues itself and resumes there.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import resource
+import statistics
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,44 +48,62 @@ import datasets
 from backbones import build_backbone
 from datasets.views import view_config
 from engine import distributed
-from engine.config import method_options, resolve_run_config, semantic_config
-from engine.data import TrainBatches, derive_seed
-from engine.distributed import DistContext, pick_device
-from engine.evaluate import cached_features, evaluate_features
-from engine.io import (
-    atomic_torch_save,
-    atomic_write_json,
-    config_hash,
-    git_commit,
-    package_versions,
-    torch_archive_problem,
+from engine.checkpoint import (
+    CheckpointPolicy,
+    Progress,
+    TrainingError,
+    checkpoint_epoch,
+    checkpoint_path,
+    load_checkpoint,
+    restore_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
+from engine.config import method_options, resolve_run_config
+from engine.data import TrainBatches, derive_seed, sample_split
+from engine.distributed import DistContext, pick_device
+from engine.evaluate import cached_features, evaluate_features, extract_features
 from engine.optim import OptimizerSettings, build_optimizer, lr_factor, set_lr
-from methods import build_method
+from eval.records import (
+    build_failed_record,
+    build_finished_record,
+    finished_record,
+    record_header,
+    run_dir_for,
+    run_hash,
+    write_job,
+    write_record,
+)
+from methods import SSLMethod, build_method, get_method_class
 
 __all__ = [
+    "Built",
     "TrainingError",
     "accumulate_gradients",
+    "build",
+    "check_batch_fits",
+    "finish",
     "finished_record",
+    "fit",
     "pick_device",
     "resolve_channels_last",
     "resolve_compile",
+    "resume",
     "run",
     "run_dir_for",
+    "smoke_run",
     "split_micro_batches",
+    "train_step",
 ]
 
-RECORD_VERSION = 1
-PROTOCOL = "groupbench-v1"  # protocol.md: final checkpoint, k-NN on pooled features, L-BFGS probe
 # torch.compile backend for trainer.compile; tests swap in "aot_eager" (the same graph capture
 # without inductor's C++ code generation, which alone takes minutes on a small CPU).
 COMPILE_BACKEND = "inductor"
 # Autocast dtype → the precision a run actually used (no autocast: fp32).
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, unusable checkpoint); the message says where."""
+# Train and test images of smoke_run's k-NN evaluation (each drawn at random from its split).
+SMOKE_EVAL_IMAGES = 256
 
 
 def seed_everything(seed: int) -> None:
@@ -88,9 +115,17 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing), nothing on CPU or with fp32."""
-    if precision == "fp32" or device.type != "cuda":
+    """``auto``: bf16 autocast on CUDA (fp16 with gradient scaling where bf16 is missing), none on
+    CPU. ``bf16`` also autocasts on CPU (every loss still runs in float32); ``fp16`` is CUDA's."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return nullcontext(), None
+    if device.type != "cuda":
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16), None
+        raise TrainingError(
+            f"trainer.precision={precision} needs CUDA, but this run is on {device}; valid on "
+            f"{device.type}: auto, bf16, fp32"
+        )
     if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16), None
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
@@ -183,77 +218,26 @@ def accumulate_gradients(
     return losses[0] if steps == 1 else torch.stack(losses).mean()
 
 
-def _ema_runs_in_training_step(method: nn.Module) -> bool:
-    """A key encoder updated at the start of training_step (MoCo/CLD/ASCL ema_timing=before_keys)."""
-    config = getattr(method, "config", None)
-    return (
-        getattr(config, "ema_timing", None) == "before_keys"
-        and getattr(config, "base_loss", "moco") == "moco"
-    )
-
-
-def run_dir_for(config: dict[str, Any]) -> Path:
-    method = config["method"]
-    name = f"{method['name']}-{method.get('preset') or 'default'}"
-    leaf = f"seed{config['seed']}-{config_hash(semantic_config(config))}"
-    return (
-        Path(config["results_dir"]) / "runs" / config["dataset"]["name"] / name
-        / config["backbone"]["name"] / leaf
-    )
-
-
-# What a checkpoint written by this engine holds: key → accepted types.
-CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
-    "config_hash": (str,),
-    "epoch": (int,),
-    "method": (dict,),
-    "optimizer": (dict,),
-    "history": (list,),
-    "train_seconds": (int, float),
-}
-
-
-def _load_checkpoint(path: Path, expected_hash: str) -> dict[str, Any]:
-    """The checkpoint's state, or a TrainingError naming the file and the way out.
-
-    The archive is verified before torch.load (which would accept a flipped byte inside a
-    tensor), and the fields the resume reads are checked, so a damaged file is refused here
-    rather than by a KeyError or a silently wrong state further down.
-    """
-    way_out = "delete it or run with trainer.resume=false to start this run over"
-    problem = torch_archive_problem(path)
-    if problem is not None:
-        raise TrainingError(f"checkpoint {path} is {problem}; {way_out}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
+def check_batch_fits(
+    method: nn.Module, trainer: dict[str, Any], dataset_size: int, dataset: str, world: int = 1
+) -> None:
+    """The global batch against the pre-training set, the processes and the micro-batches, then
+    the method's own limits (``check_batch``); raises TrainingError or MethodConfigError. Run at
+    the start of every run and by the grid's pre-flight, before anything trains."""
+    batch_size, accum = trainer["batch_size"], trainer["grad_accum_steps"]
+    if batch_size > dataset_size:
         raise TrainingError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); {way_out}"
-        ) from None
-    if not isinstance(state, dict):
-        raise TrainingError(
-            f"checkpoint {path} holds a {type(state).__name__}, not a groupbench checkpoint; "
-            f"{way_out}"
+            f"trainer.batch_size={batch_size} exceeds the {dataset_size} pre-training "
+            f"images of {dataset}; use at most {dataset_size}"
         )
-    if state.get("config_hash") != expected_hash:
+    if batch_size % world == 0 and (batch_size // world) % accum:  # (else shard_slice says so)
         raise TrainingError(
-            f"checkpoint {path} does not belong to this config (hash {expected_hash}); delete it "
-            "or run with trainer.resume=false"
+            f"the per-process batch {batch_size // world} (trainer.batch_size={batch_size} over "
+            f"{world} processes) is not divisible by trainer.grad_accum_steps={accum}; use a "
+            f"batch size that is a multiple of {world * accum}"
         )
-    for key, types in CHECKPOINT_FIELDS.items():
-        value = state.get(key)
-        if isinstance(value, bool) or not isinstance(value, types):
-            found = "missing" if key not in state else f"a {type(value).__name__}"
-            raise TrainingError(
-                f"checkpoint {path} is damaged: {key!r} is {found}, expected "
-                f"{' or '.join(t.__name__ for t in types)}; {way_out}"
-            )
-    if state["epoch"] < 1 or len(state["history"]) != state["epoch"]:
-        raise TrainingError(
-            f"checkpoint {path} is damaged: epoch {state['epoch']} with "
-            f"{len(state['history'])} epochs of history; {way_out}"
-        )
-    return state
+    # The method sees global micro-batches: its queue, top-k and split-BN checks are about them.
+    method.check_batch(batch_size // accum, dataset_size)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -263,32 +247,338 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def finished_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run's record if it says finished (an unreadable or failed one does not count)."""
-    try:
-        record = json.loads((run_dir / "record.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and record.get("status") == "finished" else None
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
-def _record_header(config: dict[str, Any], run_dir: Path, ctx: DistContext) -> dict[str, Any]:
-    """The fields every record has, finished or failed."""
+# --------------------------------------------------------------------------------------------
+# build: everything a run trains and evaluates, from the resolved config
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Built:
+    """A run's data, model, optimiser and execution settings, as ``build`` made them.
+
+    ``batches``, ``optimizer`` and ``optim`` are None for a method that does not train
+    (``SSLMethod.trains`` False: the reference rows), which goes straight to evaluation.
+    """
+
+    config: dict[str, Any]
+    run_dir: Path
+    ctx: DistContext
+    bundle: datasets.DatasetBundle
+    method: SSLMethod
+    parallel: dict[str, Any]
+    channels_last: bool
+    compiled: bool
+    autocast: AbstractContextManager[Any]
+    scaler: torch.amp.GradScaler | None
+    batches: TrainBatches | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    optim: OptimizerSettings | None = None
+    peak_lr: float = 0.0
+    warmup: float = 0.0
+
+    @property
+    def trains(self) -> bool:
+        return self.batches is not None
+
+    @property
+    def epochs(self) -> int:
+        return self.config["trainer"]["epochs"] if self.trains else 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches.steps_per_epoch if self.batches is not None else 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def precision(self) -> str:
+        return PRECISION_NAMES[getattr(self.autocast, "fast_dtype", None)]
+
+    @property
+    def label(self) -> str:
+        method_cfg = self.config["method"]
+        return f"method {method_cfg['name']} (preset {method_cfg.get('preset')})"
+
+
+def build(config: dict[str, Any], run_dir: Path, ctx: DistContext) -> Built:
+    """Seed, then load the data, build the backbone, the method and (if it trains) the batches
+    and the optimiser, on this process's device with the run's precision, memory layout and
+    compilation. Every check that needs the built objects runs here, before the first step."""
+    trainer, device, world = config["trainer"], ctx.device, ctx.world_size
+    seed = config["seed"]
+    seed_everything(seed)
+    dataset_cfg = config["dataset"]
+    bundle = datasets.load_dataset(
+        dataset_cfg["name"], dataset_cfg.get("root"), dataset_cfg.get("download", False),
+        **(dataset_cfg.get("options") or {}),
+    )
+    backbone_cfg = config["backbone"]
+    # The backbone is built first after seeding, so matched seeds give identical initial
+    # backbones across methods.
+    backbone = build_backbone(
+        backbone_cfg["name"], in_chans=bundle.channels, stem=backbone_cfg["stem"],
+        image_size=bundle.image_size, patch_size=backbone_cfg.get("patch_size"),
+        **(backbone_cfg.get("kwargs") or {}),
+    )
     method_cfg = config["method"]
-    return {
-        "record_version": RECORD_VERSION,
-        "protocol": PROTOCOL,
-        "run_id": run_dir.name,
-        "config_hash": config_hash(semantic_config(config)),
-        "config": config,
-        "seed": config["seed"],
-        "method": method_cfg["name"],
-        "preset": method_cfg.get("preset"),
-        "dataset": config["dataset"]["name"],
-        "backbone": config["backbone"]["name"],
-        "world_size": ctx.world_size,
-        "job": ctx.job.as_dict(),
-    }
+    method = build_method(method_cfg["name"], backbone, **method_options(method_cfg))
+    accum = trainer["grad_accum_steps"]
+    if method.trains:
+        check_batch_fits(method, trainer, len(bundle.pretrain), bundle.name, world)
+        if accum > 1 and method.updates_ema_in_training_step():
+            warnings.warn(
+                f"trainer.grad_accum_steps={accum}: {method_cfg['name']} updates its key encoder "
+                f"inside training_step (ema_timing=before_keys), i.e. {accum} EMA updates per "
+                f"optimiser step (effective momentum m^{accum}); use method.ema_timing=after_step "
+                "for one per step",
+                stacklevel=2,
+            )
+    parallel = distributed.prepare_method(method, world)
+    method.to(device)
+    channels_last = resolve_channels_last(trainer["channels_last"], backbone)
+    if channels_last:
+        # All of the method's 4-D weights, not only the backbone's: momentum encoders are copies
+        # of it and see the same views. Parameters stay the same objects (optimiser, EMA).
+        method.to(memory_format=torch.channels_last)
+    compiled = resolve_compile(trainer["compile"], device)
+    if compiled:
+        # In place (Module.compile): state_dict keys, checkpoints and the feature-cache key stay
+        # those of the plain backbone; evaluation's embed() runs the compiled module too.
+        backbone.compile(backend=COMPILE_BACKEND)
+    autocast, scaler = autocast_context(device, trainer["precision"])
+    built = Built(config, run_dir, ctx, bundle, method, parallel, channels_last, compiled,
+                  autocast, scaler)
+    if not method.trains:
+        return built
+    views = [view_config(bundle.name, kind, bundle.image_size) for kind in method.view_kinds()]
+    built.batches = TrainBatches(
+        bundle, views, trainer["batch_size"], device, seed, trainer["num_workers"],
+        trainer.get("max_steps_per_epoch"), rank=ctx.rank, world_size=world,
+    )
+    built.optim = OptimizerSettings.from_dict(method_cfg["optimizer"])
+    built.peak_lr = built.optim.peak_lr(trainer["batch_size"])
+    built.warmup = built.optim.warmup_epochs
+    if dataset_cfg.get("warmup_cap_epochs") is not None:
+        built.warmup = min(built.warmup, dataset_cfg["warmup_cap_epochs"])
+    built.optimizer = build_optimizer(method.parameter_groups(), built.optim, built.peak_lr)
+    return built
+
+
+def train_step(
+    b: Built, indices: torch.Tensor, views: list[torch.Tensor], step: int
+) -> torch.Tensor:
+    """One optimiser step (global step ``step``): learning rate, forward and backward of the
+    micro-batches, optimiser step, ``after_optimizer_step``. Returns the global batch's loss; a
+    non-finite loss is returned before anything is updated, for the caller to raise."""
+    assert b.optimizer is not None and b.optim is not None
+    spe, epochs = b.steps_per_epoch, b.epochs
+    set_lr(b.optimizer, lr_factor(b.optim.schedule, step, spe, epochs, b.warmup, b.peak_lr))
+    if b.channels_last:
+        views = to_channels_last(views)
+    b.optimizer.zero_grad(set_to_none=True)
+    # The global batch's loss (mean over processes) decides for every process at once.
+    loss = accumulate_gradients(
+        b.method, views, indices.to(b.ctx.device), b.config["trainer"]["grad_accum_steps"],
+        b.autocast, b.scaler, b.ctx.world_size,
+    )
+    if not torch.isfinite(loss):
+        return loss
+    if b.scaler is not None:
+        b.scaler.step(b.optimizer)
+        b.scaler.update()
+    else:
+        b.optimizer.step()
+    # Once per optimiser step, however many micro-batches it took.
+    b.method.after_optimizer_step(step, b.total_steps)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# fit: resume, train, checkpoint
+# --------------------------------------------------------------------------------------------
+def resume(b: Built) -> Progress:
+    """The progress of this run's own checkpoint, loaded into the method and optimiser (nothing
+    if there is none, or trainer.resume is false); then every process holds rank 0's weights."""
+    path = checkpoint_path(b.run_dir)
+    progress = Progress()
+    if path.exists() and b.config["trainer"]["resume"]:
+        assert b.optimizer is not None
+        state = load_checkpoint(path, run_hash(b.config))
+        progress = restore_checkpoint(
+            path, state, b.method, b.optimizer, b.scaler, b.steps_per_epoch
+        )
+        if b.ctx.is_main:
+            inside = (f", step {progress.step}/{b.steps_per_epoch} of epoch {progress.epoch + 1}"
+                      if progress.step else "")
+            print(f"[groupbench] resuming {b.run_dir} after epoch {progress.epoch}/{b.epochs}"
+                  f"{inside}", flush=True)
+    # Identical seeds already give identical weights; the broadcast makes it a guarantee.
+    distributed.broadcast_state(b.method, b.ctx.world_size)
+    return progress
+
+
+def _save(b: Built, progress: Progress, policy: CheckpointPolicy) -> None:
+    if b.ctx.is_main:
+        assert b.optimizer is not None
+        save_checkpoint(checkpoint_path(b.run_dir), run_hash(b.config), progress, b.method,
+                        b.optimizer, b.scaler)
+        policy.saved()
+    policy.after_save()
+
+
+def fit(b: Built, progress: Progress, policy: CheckpointPolicy) -> Progress:
+    """Train from ``progress`` to the last epoch, writing checkpoints as ``policy`` says and one at
+    the end. Raises TrainingError at the first non-finite loss (the last checkpoint is kept)."""
+    trainer, device, world = b.config["trainer"], b.ctx.device, b.ctx.world_size
+    spe, epochs, batch_size = b.steps_per_epoch, b.epochs, trainer["batch_size"]
+    assert b.batches is not None and b.optimizer is not None
+    saved = (progress.epoch, progress.step) if progress.resumed_from else None
+    bar = tqdm(
+        total=b.total_steps, initial=progress.epoch * spe + progress.step,
+        disable=not (trainer["progress"] and b.ctx.is_main),
+        desc=f"{b.config['method']['name']}/{b.config['method'].get('preset')} seed "
+             f"{b.config['seed']}", unit="step", dynamic_ncols=True,
+    )
+    fit_start, images_seen = time.perf_counter(), 0
+    b.method.train()
+    with policy.watch_signals():
+        for epoch in range(progress.epoch, epochs):
+            start = progress.step  # > 0 only for a checkpoint written inside this epoch
+            if start:
+                assert progress.epoch_state is not None
+                loss_sum = progress.epoch_state["loss_sum"].to(device)
+                seconds = progress.epoch_state["seconds"]
+            else:
+                # The same stream on every process: random choices a method makes for the whole
+                # batch (permutations, cluster seeds) must agree across processes.
+                torch.manual_seed(derive_seed(b.config["seed"], "torch", epoch))
+                loss_sum, seconds = torch.zeros((), device=device), 0.0
+            clock = time.perf_counter()
+            for step_in_epoch, (indices, views) in enumerate(b.batches.epoch(epoch, start), start):
+                if start and step_in_epoch == start:
+                    # After the epoch's first batch is fetched (a DataLoader draws its seed from
+                    # the global generator): the state of the uninterrupted run at this step.
+                    assert progress.epoch_state is not None
+                    set_rng_state(progress.epoch_state, device)
+                loss = train_step(b, indices, views, epoch * spe + step_in_epoch)
+                if not torch.isfinite(loss):
+                    kept = ("no checkpoint had been written yet" if saved is None else
+                            f"the last good checkpoint ({checkpoint_path(b.run_dir)}, epoch "
+                            f"{saved[0]}{f', step {saved[1]}' if saved[1] else ''}) is kept")
+                    raise TrainingError(
+                        f"non-finite loss {loss.item()} in {b.label} at epoch {epoch + 1}, step "
+                        f"{step_in_epoch + 1}; {kept}"
+                    )
+                loss_sum += loss
+                images_seen += batch_size
+                progress.step = step_in_epoch + 1
+                bar.update(1)
+                if step_in_epoch % 5 == 0 or progress.step == spe:
+                    rate = images_seen / max(time.perf_counter() - fit_start, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+                if progress.step < spe and policy.due(epoch_end=False):
+                    seconds += time.perf_counter() - clock
+                    progress.epoch_state = {"loss_sum": loss_sum.detach().cpu().clone(),
+                                            "seconds": seconds, **rng_state(device)}
+                    _save(b, progress, policy)
+                    saved = (progress.epoch, progress.step)
+                    clock = time.perf_counter()
+            # Per-process buffers (shuffle-BN's key encoder statistics) follow rank 0, whose copy
+            # is the one checkpointed: a resumed run continues from exactly the same state.
+            distributed.broadcast_state(b.method, world, parameters=False)
+            seconds += time.perf_counter() - clock
+            progress.train_seconds += seconds
+            progress.history.append({
+                "epoch": epoch + 1,
+                "loss": (loss_sum / spe).item(),
+                "lr": b.optimizer.param_groups[0]["lr"],
+                "seconds": seconds,
+                "images_per_second": spe * batch_size / max(seconds, 1e-9),
+            })
+            progress.epoch, progress.step, progress.epoch_state = epoch + 1, 0, None
+            if progress.epoch == epochs or policy.due(epoch_end=True):
+                _save(b, progress, policy)
+                saved = (progress.epoch, 0)
+    bar.close()
+    return progress
+
+
+# --------------------------------------------------------------------------------------------
+# finish: evaluate the final weights, write the record
+# --------------------------------------------------------------------------------------------
+def finish(b: Built, progress: Progress) -> dict[str, Any]:
+    """Evaluate the final weights (rank 0) and write the finished record."""
+    config, ctx, trainer = b.config, b.ctx, b.config["trainer"]
+    eval_start = time.perf_counter()
+    train_features, test_features = cached_features(
+        b.method, b.bundle, ctx.device, b.run_dir, config["eval"]["batch_size"],
+        trainer["num_workers"],
+    )
+    evaluation = evaluate_features(
+        train_features, b.bundle.train.labels, test_features, b.bundle.test.labels,
+        config["eval"]["knn"], config["eval"]["linear"], config["eval"]["probe_backend"],
+        config["eval"]["chunk_size"], ctx.device,
+    )
+    eval_seconds = time.perf_counter() - eval_start
+    batch_size, accum, world = trainer["batch_size"], trainer["grad_accum_steps"], ctx.world_size
+    if b.batches is None:
+        augmentation = "none (not trained)"
+    elif b.batches.identical_augmentation:
+        augmentation = "identical to W=1"
+    else:
+        augmentation = "per-rank photometric generator"
+    record = build_finished_record(
+        _header(config, b.run_dir, ctx),
+        stem=config["backbone"]["stem"],
+        epochs=b.epochs,
+        batch_size=batch_size,
+        steps=b.total_steps,
+        distributed={
+            **ctx.as_dict(),
+            "per_process_batch": batch_size // world,
+            "sync_bn_layers": b.parallel["sync_bn_layers"],
+            "per_process_bn": b.parallel["local_bn_modules"],
+            "augmentation": augmentation,
+        },
+        shuffle_bn=b.method.uses_shuffle_bn() and world > 1,
+        execution={
+            "precision": b.precision,
+            "channels_last": b.channels_last,
+            "compile": b.compiled,
+            "grad_accum_steps": accum,
+            "micro_batch": batch_size // accum,
+        },
+        resumed_from=progress.resumed_from,
+        resumed_from_step=progress.resumed_from_step,
+        device=str(ctx.device),
+        device_name=_device_name(ctx.device),
+        evaluation=evaluation,
+        history=progress.history,
+        train_seconds=progress.train_seconds,
+        eval_seconds=eval_seconds,
+        peak_memory_mb=_peak_memory_mb(ctx.device),
+    )
+    write_record(b.run_dir, record)
+    metrics = evaluation["metrics"]
+    print(
+        f"[groupbench] {b.run_dir}: knn20 {metrics.get('knn20_top1', float('nan')):.2f} "
+        f"linear {metrics.get('linear_top1', float('nan')):.2f} "
+        f"({progress.train_seconds:.0f} s training)"
+    )
+    return record
+
+
+def _header(config: dict[str, Any], run_dir: Path, ctx: DistContext) -> dict[str, Any]:
+    return record_header(
+        config, run_dir, world_size=ctx.world_size, job=ctx.job.as_dict(),
+        reference=get_method_class(config["method"]["name"]).is_reference,
+    )
 
 
 def _write_failed_record(
@@ -297,27 +587,21 @@ def _write_failed_record(
     """Leave a record the report lists, unless a finished record is already there."""
     if finished_record(run_dir) is not None:
         return
-    checkpoint = run_dir / "checkpoint.pt"
-    epochs_done = None
-    if checkpoint.exists():
-        try:
-            epochs_done = torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
-        except Exception:  # an unreadable checkpoint is itself reported by the error
-            epochs_done = None
-    record = {
-        **_record_header(config, run_dir, ctx),
-        "status": "failed",
-        "error": f"{type(exc).__name__}: {exc}",
-        "traceback": traceback.format_exc()[-6000:],
-        "epochs_done": epochs_done,
-        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    record = build_failed_record(
+        _header(config, run_dir, ctx),
+        error=f"{type(exc).__name__}: {exc}",
+        traceback=traceback.format_exc(),
+        epochs_done=checkpoint_epoch(checkpoint_path(run_dir)),
+    )
     try:
-        atomic_write_json(run_dir / "record.json", record)
+        write_record(run_dir, record)
     except OSError as write_error:  # the original error matters more than this one
         print(f"[groupbench] could not write the failed record of {run_dir}: {write_error}")
 
 
+# --------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------
 def run(cfg: Any) -> dict[str, Any]:
     """Train and evaluate one config; return its run record (also written to record.json).
 
@@ -337,7 +621,20 @@ def run(cfg: Any) -> dict[str, Any]:
                 print(f"[groupbench] skipping finished run {run_dir}")
             return record
     try:
-        return _train_and_evaluate(config, run_dir, ctx)
+        if ctx.is_main:
+            # The run has started, in this scheduler job (if any): until a record appears, the
+            # report lists it as unfinished, with the job's log.
+            write_job(run_dir, {**ctx.job.as_dict(), "world_size": ctx.world_size})
+        b = build(config, run_dir, ctx)
+        progress = Progress()
+        if b.trains:
+            policy = CheckpointPolicy(config["trainer"]["checkpoint_every_s"], enabled=ctx.is_main)
+            progress = fit(b, resume(b), policy)
+        if not ctx.is_main:
+            # Rank 0 evaluates alone (no collective follows), so the other processes are done.
+            return {"status": "trained", "rank": ctx.rank, "world_size": ctx.world_size,
+                    "run_dir": str(run_dir), "history": progress.history, "metrics": {}}
+        return finish(b, progress)
     except Exception as exc:  # not BaseException: preemption (SystemExit) must not look failed
         # Into this process's log too: under a launcher (hydra, submitit) the exception otherwise
         # reaches only the submitting process, which may be long gone.
@@ -349,244 +646,63 @@ def run(cfg: Any) -> dict[str, Any]:
         raise
 
 
-def _train_and_evaluate(config: dict[str, Any], run_dir: Path, ctx: DistContext) -> dict[str, Any]:
-    trainer = config["trainer"]
-    record_path = run_dir / "record.json"
-    checkpoint_path = run_dir / "checkpoint.pt"
-    run_hash = config_hash(semantic_config(config))
-    if ctx.is_main and ctx.job.id is not None:
-        # Which job ran this run last: the report shows it (and its log) if no record appears.
-        atomic_write_json(run_dir / "job.json", {**ctx.job.as_dict(), "world_size": ctx.world_size})
+def smoke_run(cfg: Any, steps: int = 3) -> dict[str, Any]:
+    """A few training steps and a small k-NN evaluation of ``cfg``, built exactly as ``run``
+    builds it (device, precision, memory layout, compilation); writes nothing.
 
-    device = ctx.device
-    world = ctx.world_size
-    seed = config["seed"]
-    seed_everything(seed)
-    dataset_cfg = config["dataset"]
-    bundle = datasets.load_dataset(
-        dataset_cfg["name"], dataset_cfg.get("root"), dataset_cfg.get("download", False),
-        **(dataset_cfg.get("options") or {}),
-    )
-    backbone_cfg = config["backbone"]
-    # The backbone is built first after seeding, so matched seeds give identical initial
-    # backbones across methods (spec README §5).
-    backbone = build_backbone(
-        backbone_cfg["name"], in_chans=bundle.channels, stem=backbone_cfg["stem"],
-        image_size=bundle.image_size, patch_size=backbone_cfg.get("patch_size"),
-        **(backbone_cfg.get("kwargs") or {}),
-    )
-    method_cfg = config["method"]
-    method = build_method(method_cfg["name"], backbone, **method_options(method_cfg))
-    batch_size = trainer["batch_size"]
-    if batch_size > len(bundle.pretrain):
-        raise TrainingError(
-            f"trainer.batch_size={batch_size} exceeds the {len(bundle.pretrain)} pre-training "
-            f"images of {bundle.name}; use at most {len(bundle.pretrain)}"
-        )
-    accum = trainer["grad_accum_steps"]
-    if batch_size % world == 0 and (batch_size // world) % accum:  # (else shard_slice says so)
-        raise TrainingError(
-            f"the per-process batch {batch_size // world} (trainer.batch_size={batch_size} over "
-            f"{world} processes) is not divisible by trainer.grad_accum_steps={accum}; use a "
-            f"batch size that is a multiple of {world * accum}"
-        )
-    # The method sees global micro-batches: its queue, top-k and split-BN checks are about them.
-    method.check_batch(batch_size // accum, len(bundle.pretrain))
-    if accum > 1 and _ema_runs_in_training_step(method):
-        warnings.warn(
-            f"trainer.grad_accum_steps={accum}: {method_cfg['name']} updates its key encoder inside "
-            f"training_step (ema_timing=before_keys), i.e. {accum} EMA updates per optimiser step "
-            f"(effective momentum m^{accum}); use method.ema_timing=after_step for one per step",
-            stacklevel=2,
-        )
-    parallel = distributed.prepare_method(method, world)
-    method.to(device)
-    channels_last = resolve_channels_last(trainer["channels_last"], backbone)
-    if channels_last:
-        # All of the method's 4-D weights, not only the backbone's: momentum encoders are copies
-        # of it and see the same views. Parameters stay the same objects (optimiser, EMA).
-        method.to(memory_format=torch.channels_last)
-    compiled = resolve_compile(trainer["compile"], device)
-    if compiled:
-        # In place (Module.compile): state_dict keys, checkpoints and the feature-cache key stay
-        # those of the plain backbone; evaluation's embed() runs the compiled module too.
-        backbone.compile(backend=COMPILE_BACKEND)
-
-    views = [view_config(bundle.name, kind, bundle.image_size) for kind in method.view_kinds()]
-    batches = distributed.ShardedBatches(
-        TrainBatches(
-            bundle, views, batch_size, device, seed, trainer["num_workers"],
-            trainer.get("max_steps_per_epoch"),
-        ),
-        ctx.rank, world,
-    )
-    epochs = trainer["epochs"]
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = epochs * steps_per_epoch
-    optim = OptimizerSettings.from_dict(method_cfg["optimizer"])
-    peak_lr = optim.peak_lr(batch_size)
-    warmup = optim.warmup_epochs
-    if dataset_cfg.get("warmup_cap_epochs") is not None:
-        warmup = min(warmup, dataset_cfg["warmup_cap_epochs"])
-    optimizer = build_optimizer(method.parameter_groups(), optim, peak_lr)
-    autocast, scaler = autocast_context(device, trainer["precision"])
-
-    start_epoch, history, train_seconds, resumed_from = 0, [], 0.0, []
-    if checkpoint_path.exists() and trainer["resume"]:
-        state = _load_checkpoint(checkpoint_path, run_hash)
-        try:
-            method.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            # Weights of another architecture under this run's hash (code changed since).
-            raise TrainingError(
-                f"checkpoint {checkpoint_path} does not fit this run's model or optimiser "
-                f"({str(exc).splitlines()[0]}); delete it or run with trainer.resume=false to "
-                "start this run over"
-            ) from None
-        start_epoch, history = state["epoch"], state["history"]
-        train_seconds = state["train_seconds"]
-        resumed_from = [*state.get("resumed_from", []), start_epoch]
-        if ctx.is_main:
-            print(f"[groupbench] resuming {run_dir} after epoch {start_epoch}/{epochs}")
-    # Identical seeds already give identical weights; the broadcast makes it a guarantee.
-    distributed.broadcast_state(method, world)
-
-    images_seen = 0
-    bar = tqdm(
-        total=total_steps, initial=start_epoch * steps_per_epoch,
-        disable=not (trainer["progress"] and ctx.is_main),
-        desc=f"{method_cfg['name']}/{method_cfg.get('preset')} seed {seed}", unit="step",
-        dynamic_ncols=True,
-    )
-    method.train()
-    for epoch in range(start_epoch, epochs):
-        # The same stream on every process: random choices a method makes for the whole batch
-        # (permutations, cluster seeds) must agree across processes.
-        torch.manual_seed(derive_seed(seed, "torch", epoch))
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for step_in_epoch, (indices, views_batch) in enumerate(batches.epoch(epoch)):
-            step = epoch * steps_per_epoch + step_in_epoch
-            set_lr(optimizer, lr_factor(optim.schedule, step, steps_per_epoch, epochs, warmup, peak_lr))
-            if channels_last:
-                views_batch = to_channels_last(views_batch)
-            optimizer.zero_grad(set_to_none=True)
-            # The global batch's loss (mean over processes) decides for every process at once.
-            global_loss = accumulate_gradients(
-                method, views_batch, indices.to(device), accum, autocast, scaler, world
-            )
-            if not torch.isfinite(global_loss):
-                raise TrainingError(
-                    f"non-finite loss {global_loss.item()} in method {method_cfg['name']} "
-                    f"(preset {method_cfg.get('preset')}) at epoch {epoch + 1}, step "
-                    f"{step_in_epoch + 1}; "
-                    + (f"the last good checkpoint ({checkpoint_path}, epoch {epoch}) is kept"
-                       if epoch > 0 else "no checkpoint had been written yet")
-                )
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            # Once per optimiser step, however many micro-batches it took.
-            method.after_optimizer_step(step, total_steps)
-            loss_sum += global_loss
-            images_seen += batch_size
-            bar.update(1)
-            if step_in_epoch % 5 == 0 or step_in_epoch == steps_per_epoch - 1:
-                rate = images_seen / max(train_seconds + time.perf_counter() - epoch_start, 1e-9)
-                bar.set_postfix(loss=f"{global_loss.item():.4f}", img_s=f"{rate:.0f}")
-        # Per-process buffers (shuffle-BN's key encoder statistics) follow rank 0, whose copy is
-        # the one checkpointed: a resumed run then continues from exactly the uninterrupted state.
-        distributed.broadcast_state(method, world, parameters=False)
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": (loss_sum / steps_per_epoch).item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": epoch_seconds,
-                "images_per_second": steps_per_epoch * batch_size / max(epoch_seconds, 1e-9),
-            }
-        )
-        if ctx.is_main:
-            atomic_torch_save(
-                checkpoint_path,
-                {
-                    "config_hash": run_hash,
-                    "epoch": epoch + 1,
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "history": history,
-                    "train_seconds": train_seconds,
-                    "resumed_from": resumed_from,
-                },
-            )
-    bar.close()
-    if not ctx.is_main:
-        # Rank 0 evaluates alone (no collective follows), so the other processes are done.
-        return {"status": "trained", "rank": ctx.rank, "world_size": world, "run_dir": str(run_dir),
-                "history": history, "metrics": {}}
-
-    eval_start = time.perf_counter()
-    train_features, test_features = cached_features(
-        method, bundle, device, run_dir, config["eval"]["batch_size"], trainer["num_workers"]
-    )
-    evaluation = evaluate_features(
-        train_features, bundle.train.labels, test_features, bundle.test.labels,
-        config["eval"]["knn"], config["eval"]["linear"], config["eval"]["probe_backend"],
-        config["eval"]["chunk_size"], device,
-    )
-    eval_seconds = time.perf_counter() - eval_start
-    images_trained = total_steps * batch_size
-    record = {
-        **_record_header(config, run_dir, ctx),
-        "status": "finished",
-        "stem": backbone_cfg["stem"],
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "steps": total_steps,
-        "distributed": {
-            **ctx.as_dict(),
-            "per_process_batch": batch_size // world,
-            "sync_bn_layers": parallel["sync_bn_layers"],
-            "per_process_bn": parallel["local_bn_modules"],
-            "augmentation": "identical to W=1" if batches.identical_augmentation
-            else "per-rank photometric generator",
-        },
-        "shuffle_bn": bool(getattr(method, "shuffle_bn", False)) and world > 1,
-        # What trainer.precision / channels_last / compile resolved to on this device.
-        "execution": {
-            "precision": PRECISION_NAMES[getattr(autocast, "fast_dtype", None)],
-            "channels_last": channels_last,
-            "compile": compiled,
-            "grad_accum_steps": accum,
-            "micro_batch": batch_size // accum,
-        },
-        "resumed_from": resumed_from,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "metrics": evaluation["metrics"],
-        "correct": evaluation["correct"],
-        "history": history,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "images_per_second": images_trained / max(train_seconds, 1e-9),
-        "peak_memory_mb": _peak_memory_mb(device),
-        "git_commit": git_commit(),
-        "packages": package_versions(),
-        "python": platform.python_version(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    Returns ``status`` ("ok" or "error"), ``error`` (one line, or None), ``step_ms`` (the median
+    optimiser step after the first, which includes compilation; the first if only one ran),
+    ``first_step_ms``, ``peak_mb``, ``device``, ``precision`` and ``compile`` (as resolved; None
+    where the failure came first). A method that does not train runs the evaluation only.
+    """
+    result: dict[str, Any] = {
+        "status": "ok", "error": None, "step_ms": None, "first_step_ms": None, "peak_mb": None,
+        "device": None, "precision": None, "compile": None,
     }
-    atomic_write_json(record_path, record)
-    print(
-        f"[groupbench] {run_dir}: knn20 {evaluation['metrics'].get('knn20_top1', float('nan')):.2f} "
-        f"linear {evaluation['metrics'].get('linear_top1', float('nan')):.2f} "
-        f"({train_seconds:.0f} s training)"
-    )
-    return record
+    try:
+        config = resolve_run_config(cfg)
+        ctx = distributed.setup(config["trainer"]["device"])
+        if ctx.world_size > 1:
+            config["trainer"]["world_size"] = ctx.world_size
+        result["device"] = str(ctx.device)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        b = build(config, run_dir_for(config), ctx)  # nothing is written there
+        result["precision"], result["compile"] = b.precision, b.compiled
+        times = []
+        if b.trains:
+            assert b.batches is not None
+            torch.manual_seed(derive_seed(config["seed"], "torch", 0))
+            b.method.train()
+            batches = b.batches.epoch(0)
+            for step in range(min(steps, b.steps_per_epoch)):
+                indices, views = next(batches)
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                start = time.perf_counter()
+                loss = train_step(b, indices, views, step)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss {loss.item()} in {b.label} at "
+                                        f"step {step + 1}")
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                times.append(1000 * (time.perf_counter() - start))
+        if times:
+            result["first_step_ms"] = times[0]
+            result["step_ms"] = statistics.median(times[1:] or times)
+        if ctx.is_main:
+            eval_cfg, workers = config["eval"], config["trainer"]["num_workers"]
+            train, test = (sample_split(b.bundle.train, SMOKE_EVAL_IMAGES, 0),
+                           sample_split(b.bundle.test, SMOKE_EVAL_IMAGES, 1))
+            features = [extract_features(b.method, split, b.bundle, ctx.device,
+                                         eval_cfg["batch_size"], workers)
+                        for split in (train, test)]
+            evaluate_features(features[0], train.labels, features[1], test.labels,
+                              eval_cfg["knn"], linear=False,
+                              chunk_size=eval_cfg["chunk_size"], device=ctx.device)
+        result["peak_mb"] = _peak_memory_mb(ctx.device)
+    except Exception as exc:
+        message = " ".join(str(exc).split()) or "(no message)"
+        result.update(status="error", error=f"{type(exc).__name__}: {message}")
+    return result
+

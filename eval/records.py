@@ -1,11 +1,19 @@
-"""Reading run records back: the one place that knows the record layout on disk.
+"""The run record: the one module that lays it out on disk, writes it and reads it back.
 
-A run directory ``<results>/runs/<dataset>/<method>-<preset>/<backbone>/seed<s>-<hash>/`` holds
-``record.json`` once the run finished (or failed with an error) and ``checkpoint.pt`` while it is
-under way. ``load_records`` returns the readable records and a list of problems: unreadable
-records (named, never silently dropped) and runs with a checkpoint but no record (unfinished).
-A finished record counts as unreadable too when a field the report reads is missing or of the
-wrong type (``record_problem``), so one damaged file cannot stop the whole report.
+A run directory ``<results>/runs/<dataset>/<method>-<preset>/<backbone>/seed<s>-<hash>/``
+(``run_dir_for``; the hash is that of the resolved config without ``NON_SEMANTIC_KEYS``, seed
+included) holds ``record.json`` once the run finished (or failed with an error),
+``checkpoint.pt`` once training has written one, ``job.json`` (written when the run starts; it
+names the scheduler job that ran it last, if any) and the feature cache.
+
+Writing (the engine, rank 0): ``record_header`` holds the fields every record has;
+``build_finished_record`` and ``build_failed_record`` add the rest; ``write_record`` writes the
+file atomically. Reading: ``finished_record`` (one run: its record if it says finished) and
+``load_records`` (every run under a directory: the readable records, and a list of problems:
+unreadable records, named, never silently dropped; failed runs; runs that started, with or
+without a checkpoint, but have no record: unfinished). A finished record counts as unreadable too
+when a field the report reads is missing or of the wrong type (``record_problem``), so one
+damaged file cannot stop the whole report.
 """
 
 from __future__ import annotations
@@ -13,19 +21,32 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+RECORD_VERSION = 1
+PROTOCOL = "groupbench-v1"  # docs/protocol.md: final checkpoint, k-NN on pooled features, probe
+RECORD_FILE = "record.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+JOB_FILE = "job.json"
 
 # Config keys that never change what a run computes: left out of the run hash and of cells.
 NON_SEMANTIC_KEYS = (
     ("results_dir",),
+    ("smoke",),  # a smoke check writes no run
     ("trainer", "progress"),
     ("trainer", "num_workers"),
     ("trainer", "resume"),
     ("trainer", "skip_finished"),
+    # When checkpoints are written changes nothing a run computes (a resumed run continues
+    # exactly as an uninterrupted one), so the cadence never moves a run to another directory.
+    ("trainer", "checkpoint_every_s"),
     # Memory layout and compilation change float rounding only, and `auto` resolves per machine:
     # a run resumed on another machine must still find its checkpoint.
     ("trainer", "channels_last"),
@@ -35,8 +56,173 @@ NON_SEMANTIC_KEYS = (
     ("dataset", "root"),
     ("dataset", "download"),
 )
-# A cell's runs differ only in their seed (protocol.md §5).
+# A cell's runs differ only in their seed (docs/protocol.md §5).
 NON_CELL_KEYS = (("seed",), *NON_SEMANTIC_KEYS)
+
+
+def drop_keys(config: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    """A deep copy of ``config`` without the nested keys in ``paths``."""
+    out = copy.deepcopy(config)
+    for path in paths:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# where a run lives
+# --------------------------------------------------------------------------------------------
+def run_hash(config: dict[str, Any]) -> str:
+    """The hash of a resolved run config without its NON_SEMANTIC_KEYS (seed included)."""
+    from engine.io import config_hash
+
+    return config_hash(drop_keys(config, NON_SEMANTIC_KEYS))
+
+
+def run_dir_for(config: dict[str, Any]) -> Path:
+    """``<results_dir>/runs/<dataset>/<method>-<preset>/<backbone>/seed<s>-<hash>``."""
+    method = config["method"]
+    name = f"{method['name']}-{method.get('preset') or 'default'}"
+    leaf = f"seed{config['seed']}-{run_hash(config)}"
+    return (
+        Path(config["results_dir"]) / "runs" / config["dataset"]["name"] / name
+        / config["backbone"]["name"] / leaf
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def record_header(
+    config: dict[str, Any], run_dir: Path, *, world_size: int, job: dict[str, Any],
+    reference: bool,
+) -> dict[str, Any]:
+    """The fields every record has, finished or failed.
+
+    ``reference``: the row is a reference (raw pixels, an untrained backbone), not a trained
+    method; the report sets such rows apart.
+    """
+    method_cfg = config["method"]
+    return {
+        "record_version": RECORD_VERSION,
+        "protocol": PROTOCOL,
+        "run_id": run_dir.name,
+        "config_hash": run_hash(config),
+        "config": config,
+        "seed": config["seed"],
+        "method": method_cfg["name"],
+        "preset": method_cfg.get("preset"),
+        "reference": bool(reference),
+        "dataset": config["dataset"]["name"],
+        "backbone": config["backbone"]["name"],
+        "world_size": world_size,
+        "job": job,
+    }
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def build_finished_record(
+    header: dict[str, Any],
+    *,
+    stem: str,
+    epochs: int,
+    batch_size: int,
+    steps: int,
+    distributed: dict[str, Any],
+    shuffle_bn: bool,
+    execution: dict[str, Any],
+    resumed_from: list[int],
+    resumed_from_step: list[int],
+    device: str,
+    device_name: str,
+    evaluation: dict[str, Any],
+    history: list[dict[str, Any]],
+    train_seconds: float,
+    eval_seconds: float,
+    peak_memory_mb: float,
+) -> dict[str, Any]:
+    """A finished run's record: ``header`` plus training, evaluation and provenance.
+
+    ``resumed_from``: the whole epochs done at each resume; ``resumed_from_step``: the optimiser
+    steps done at each resume (a checkpoint written inside an epoch resumes there).
+    ``evaluation``: ``engine.evaluate.evaluate_features``'s ``{"metrics", "correct"}``.
+    ``execution``: what trainer.precision / channels_last / compile resolved to on this device.
+    """
+    from engine.io import git_commit, package_versions
+
+    return {
+        **header,
+        "status": "finished",
+        "stem": stem,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "steps": steps,
+        "distributed": distributed,
+        "shuffle_bn": shuffle_bn,
+        "execution": execution,
+        "resumed_from": resumed_from,
+        "resumed_from_step": resumed_from_step,
+        "device": device,
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "metrics": evaluation["metrics"],
+        "correct": evaluation["correct"],
+        "history": history,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "images_per_second": steps * batch_size / max(train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb,
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "finished_at": _utc_now(),
+    }
+
+
+def build_failed_record(
+    header: dict[str, Any], *, error: str, traceback: str, epochs_done: int | None
+) -> dict[str, Any]:
+    """A failed run's record: the error, the end of its traceback, the epochs checkpointed."""
+    return {
+        **header,
+        "status": "failed",
+        "error": error,
+        "traceback": traceback[-6000:],
+        "epochs_done": epochs_done,
+        "failed_at": _utc_now(),
+    }
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """``run_dir/record.json``, written atomically (temp file, fsync, rename)."""
+    from engine.io import atomic_write_json
+
+    atomic_write_json(run_dir / RECORD_FILE, record)
+
+
+def write_job(run_dir: Path, job: dict[str, Any]) -> None:
+    """``run_dir/job.json``: the scheduler job running the run now (read back by ``job_of``)."""
+    from engine.io import atomic_write_json
+
+    atomic_write_json(run_dir / JOB_FILE, job)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+def finished_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's record if it says finished (an unreadable or failed one does not count)."""
+    try:
+        record = json.loads((run_dir / RECORD_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") == "finished" else None
 
 
 @dataclass
@@ -56,7 +242,7 @@ def job_of(run_dir: Path, record: dict[str, Any] | None = None) -> tuple[str | N
     job = (record or {}).get("job")
     if not isinstance(job, dict):  # a record without a job (older, or not under a scheduler)
         try:
-            job = json.loads((run_dir / "job.json").read_text())
+            job = json.loads((run_dir / JOB_FILE).read_text())
         except (OSError, ValueError):
             return None, None
     if not (isinstance(job, dict) and job.get("id")):
@@ -93,18 +279,6 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{name}."))
         else:
             out[name] = json.dumps(value, sort_keys=True) if isinstance(value, list) else value
-    return out
-
-
-def drop_keys(config: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
-    """A deep copy of ``config`` without the nested keys in ``paths``."""
-    out = copy.deepcopy(config)
-    for path in paths:
-        node = out
-        for key in path[:-1]:
-            node = node.get(key, {})
-        if isinstance(node, dict):
-            node.pop(path[-1], None)
     return out
 
 
@@ -187,6 +361,8 @@ def record_problem(record: dict[str, Any]) -> str | None:
         if not (isinstance(epoch, dict) and _is_number(epoch.get("epoch"))
                 and _is_number(epoch.get("loss"))):
             return f"history[{i}] is {epoch!r}, expected {{epoch, loss, ...}} numbers"
+    if "reference" in record and not isinstance(record["reference"], bool):
+        return f"reference is {record['reference']!r}, expected true or false"
     for key in ("train_seconds", "images_per_second"):
         if key in record and not _is_number(record[key]):
             return f"{key} is {record[key]!r}, expected a number"
@@ -199,7 +375,7 @@ def load_records(runs_dir: str | Path) -> RecordSet:
     if not runs_dir.exists():
         return result
     seen_dirs = set()
-    for path in sorted(runs_dir.rglob("record.json")):
+    for path in sorted(runs_dir.rglob(RECORD_FILE)):
         seen_dirs.add(path.parent)
         try:
             record = json.loads(path.read_text())
@@ -218,10 +394,16 @@ def load_records(runs_dir: str | Path) -> RecordSet:
             )
             continue
         result.records.append(record)
-    for path in sorted(runs_dir.rglob("checkpoint.pt")):
+    for path in sorted(runs_dir.rglob(CHECKPOINT_FILE)):
         if path.parent not in seen_dirs:
+            seen_dirs.add(path.parent)
             result.problems.append(
                 _problem(path.parent, "unfinished", "checkpoint but no record yet")
+            )
+    for path in sorted(runs_dir.rglob(JOB_FILE)):
+        if path.parent not in seen_dirs:  # killed before its first checkpoint
+            result.problems.append(
+                _problem(path.parent, "unfinished", "started, but no checkpoint or record yet")
             )
     return result
 

@@ -1,8 +1,9 @@
 """Two CPU processes (gloo) against one: every registered method takes the same steps.
 
-For each method in ``methods.list_methods()`` (whatever is registered when the tests run), W = 2
+For each method in ``methods.list_methods(trains=True)`` (whatever is registered when the tests
+run; the reference rows have no training step), W = 2
 processes with B/2 images each must give the loss and the gradients of W = 1 with B images, to
-1e-5, from the same initial weights and data (spec README §6). Two steps are compared, with
+1e-5, from the same initial weights and data (docs/conventions.md §6). Two steps are compared, with
 ``after_optimizer_step`` in between, so momentum encoders and queues filled by the first step are
 covered too. The two processes run every method in one process group
 (spawned once per module); the W = 1 references run in the test process.
@@ -22,8 +23,9 @@ kinds of BatchNorm are per process by design and are compared as follows:
 
 Dropout is off in both worlds (one mask per row: a slice draws other numbers than the same rows
 of the whole batch). Per-process statistics that a method's official code keeps on purpose (All4One's
-``feature_stats=local``) are compared through the method's W-invariant option
-(``W_INVARIANT_OPTIONS``); a new method that fails here must either match or name such an option.
+``feature_stats=local``) are compared through the method's W-invariant options (the class
+attribute ``world_invariant_options``); a new method that fails here must either match or name
+such options there.
 
 The engine end to end: ``torchrun --nproc_per_node=2 -m eval.grid`` trains SimCLR on digits with
 the same per-epoch loss as one process, and its record says world size 2.
@@ -53,38 +55,33 @@ IMAGE_SIZE = 16
 CHANNELS = 1
 STEPS = 2
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
-# Options that are per process by design in a method's official code (documented in the method's
-# file); the equivalence is checked on the method's W-invariant variant.
-W_INVARIANT_OPTIONS: dict[str, dict[str, Any]] = {
-    "all4one": {"feature_stats": "global"},  # official: the feature term uses each process's rows
-}
-# Smaller sizes, for speed only: CLD's k = 200 clusters need >= 200 images, All4One's default
-# heads and 98,304-row support set take ~20 s per step on two cores. Every method with a queue
-# gets 1,024 rows (``queue_options``).
-SMALL_OPTIONS: dict[str, dict[str, Any]] = {
-    "cld": {"clusters": 4},
-    "all4one": {"proj_hidden_dim": 256, "pred_hidden_dim": 256},
-}
 
 
-def queue_options(name: str) -> dict[str, Any]:
-    fields = {f.name for f in dataclasses.fields(get_method_class(name).Config)}
-    return {"queue_size": 1024} if "queue_size" in fields else {}
+def case_options(name: str) -> dict[str, Any]:
+    """The options a method is compared under: its W-invariant variant (options that are per
+    process by design in its official code), its small sizes for speed (``small_options``), and
+    1,024 queue rows for every method with a queue."""
+    cls = get_method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    queue = {"queue_size": 1024} if "queue_size" in fields else {}
+    return {**cls.world_invariant_options, **cls.small_options, **queue}
 
 
-# (test id, method, options): every registered method, plus MoCo with split BN (ASCL's base preset)
-# and GroCo with gradients through its gather
+# (test id, method, options): every registered method that trains, plus MoCo with split BN
+# (ASCL's base preset) and GroCo with gradients through its gather
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     (
-        name + "".join(f"-{k}={v}" for k, v in W_INVARIANT_OPTIONS.get(name, {}).items()),
+        name + "".join(
+            f"-{k}={v}" for k, v in get_method_class(name).world_invariant_options.items()
+        ),
         name,
-        {**W_INVARIANT_OPTIONS.get(name, {}), **SMALL_OPTIONS.get(name, {}), **queue_options(name)},
+        case_options(name),
     )
-    for name in list_methods()
+    for name in list_methods(trains=True)
 ] + [
     ("moco-bn_splits=2", "moco", {"bn_splits": 2, "queue_size": 1024}),
     # GroCo's clean variant: gradients through the gathered negatives, summed over processes
-    # (the official local-slice backward loses other processes' contributions, groco.md §5).
+    # (the official local-slice backward loses other processes' contributions, docs/methods/groco.md §4).
     ("groco-stop_grad=false-gather_backward=sum", "groco",
      {"stop_grad": False, "gather_backward": "sum"}),
 ]

@@ -18,7 +18,7 @@ import torch
 
 from engine.config import ConfigError, resolve_run_config
 from engine.train import run, run_dir_for
-from eval.records import record_problem
+from eval.records import load_records, record_problem
 from tests.conftest import REPO, compose_config
 
 FAST = ["trainer.progress=false", "trainer.batch_size=128", "eval.linear=false"]
@@ -103,6 +103,7 @@ def test_same_seed_same_record_different_seed_differs(tmp_path):
                 "images_per_second", "peak_memory_mb", "git_commit", "packages", "world_size"):
         assert key in stored[0]
     assert record_problem(stored[0]) is None  # the report can read what the engine writes
+    assert stored[0]["reference"] is False and stored[0]["steps"] == 3
     assert stored[0]["metrics"]["knn20_top1"] > 10.0  # far above nothing; chance is 10%
     assert stored[0]["packages"]["torch"] == torch.__version__.split("+")[0]
 
@@ -123,22 +124,28 @@ KILL_DRIVER = r"""
 import os, sys, time
 import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # as tests/conftest.py: identical numerics
-import engine.distributed, engine.io, engine.train
+import signal
+import engine.checkpoint, engine.data, engine.io, engine.train
 
 KILL_AT = os.environ["GROUPBENCH_KILL_AT"]
+# GROUPBENCH_SIGNAL_AT: at this point send this process SIGUSR2 (SLURM's time-limit signal) and go on
+SIGNAL_AT = os.environ.get("GROUPBENCH_SIGNAL_AT")
 pending = []
 
 def point(name):
+    if name == SIGNAL_AT:
+        print(f"@signal {name}", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR2)
     if name == KILL_AT:
         print(f"@kill {name}", flush=True)
         time.sleep(600)
 
-real_epoch = engine.distributed.ShardedBatches.epoch
-def epoch(self, e):
-    for s, item in enumerate(real_epoch(self, e)):
+real_epoch = engine.data.TrainBatches.epoch
+def epoch(self, e, start_step=0):
+    for s, item in enumerate(real_epoch(self, e, start_step), start_step):
         point(f"step:{e + 1}:{s + 1}")
         yield item
-engine.distributed.ShardedBatches.epoch = epoch
+engine.data.TrainBatches.epoch = epoch
 
 real_replace = engine.io.os.replace
 def replace(src, dst):
@@ -147,13 +154,13 @@ def replace(src, dst):
     real_replace(src, dst)
 engine.io.os.replace = replace
 
-real_save = engine.train.atomic_torch_save
+real_save = engine.checkpoint.atomic_torch_save
 def save(path, obj):
     pending.append(f"write:{obj['epoch']}")
     real_save(path, obj)
     pending.clear()
     point(f"saved:{obj['epoch']}")
-engine.train.atomic_torch_save = save
+engine.checkpoint.atomic_torch_save = save
 
 real_features, real_evaluate = engine.train.cached_features, engine.train.evaluate_features
 def features(*args, **kwargs):
@@ -222,7 +229,8 @@ def test_resume_after_kills_at_several_points_matches_uninterrupted_run(tmp_path
     one), and the last one ends with the metrics, loss history and per-image correctness of an
     uninterrupted run."""
     common = ["method=moco", f"trainer.epochs={EPOCHS}", f"trainer.max_steps_per_epoch={STEPS}",
-              "trainer.progress=false", "trainer.batch_size=32", "eval.linear=false"]
+              "trainer.progress=false", "trainer.batch_size=32", "eval.linear=false",
+              "trainer.checkpoint_every_s=0"]  # a checkpoint at every epoch end
     killed_dir = tmp_path / "killed"
     args = [sys.executable, "-c", KILL_DRIVER, f"results_dir={killed_dir}", *common]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -244,6 +252,9 @@ def test_resume_after_kills_at_several_points_matches_uninterrupted_run(tmp_path
             assert not checkpoint.exists(), kill_at
         if kill_at.startswith("write:"):  # the temp file of the interrupted write is left over
             assert list(run_dir.glob(".checkpoint.pt.*.tmp")), kill_at
+        # the report lists the run as unfinished, with or without a checkpoint
+        [problem] = load_records(killed_dir / "runs").problems
+        assert problem.status == "unfinished" and problem.run_dir == str(run_dir), kill_at
         expected_resume = resumes
 
     final = subprocess.run(args, cwd=REPO, env={**env, "GROUPBENCH_KILL_AT": "never"},
@@ -257,3 +268,215 @@ def test_resume_after_kills_at_several_points_matches_uninterrupted_run(tmp_path
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["correct"] == straight["correct"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints: cadence, signals, positions inside an epoch
+# --------------------------------------------------------------------------------------------
+SHORT = ["trainer.epochs=2", "trainer.max_steps_per_epoch=3", "trainer.batch_size=64", *FAST]
+
+
+def saved_positions(monkeypatch) -> list[tuple[int, int]]:
+    """(epoch, step) of every checkpoint the engine writes from now on."""
+    import engine.checkpoint
+
+    positions: list[tuple[int, int]] = []
+    real_save = engine.checkpoint.atomic_torch_save
+
+    def save(path, obj):
+        positions.append((obj["epoch"], obj["step"]))
+        real_save(path, obj)
+
+    monkeypatch.setattr(engine.checkpoint, "atomic_torch_save", save)
+    return positions
+
+
+# trainer.checkpoint_every_s → the (epoch, step) of every checkpoint a 2 × 3-step run writes
+CADENCES = {
+    "600": [(2, 0)],  # the default: a short run writes its final checkpoint only
+    "0": [(1, 0), (2, 0)],  # at every epoch end
+    "1e-9": [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)],  # after every step
+}
+
+
+def test_checkpoint_cadence_changes_neither_the_run_nor_its_directory(tmp_path, monkeypatch):
+    records = {}
+    positions = saved_positions(monkeypatch)
+    for every, expected in CADENCES.items():
+        positions.clear()
+        overrides = [f"results_dir={tmp_path / every}", *SHORT, f"trainer.checkpoint_every_s={every}"]
+        records[every] = run(compose_config(overrides))
+        assert positions == expected, every
+    # not part of the run hash: the same run directory whatever the cadence
+    assert len({run_dir_for(r["config"]).relative_to(r["config"]["results_dir"])
+                for r in records.values()}) == 1
+    first, *others = records.values()
+    for other in others:
+        assert [h["loss"] for h in other["history"]] == [h["loss"] for h in first["history"]]
+        assert other["metrics"] == first["metrics"] and other["correct"] == first["correct"]
+
+
+def test_checkpoint_every_s_must_be_a_number_of_seconds():
+    with pytest.raises(ConfigError, match=r"trainer.checkpoint_every_s=-1; it must be a number of "
+                                          r"seconds >= 0"):
+        resolve_run_config(compose_config(["trainer.checkpoint_every_s=-1"]))
+
+
+def test_signal_checkpoints_inside_the_epoch_and_the_rerun_resumes_there(tmp_path):
+    """SIGUSR2 (SLURM's time-limit and preemption signal) in a process with no handler for it:
+    the step under way finishes, a checkpoint of that step is written (the default cadence had
+    written none yet), then the signal ends the process as it would have. The rerun resumes
+    inside the epoch and ends exactly as an uninterrupted run. ASCL draws its teacher shuffle
+    from torch's global generator at every step, so the generator's state must be restored too."""
+    common = ["method=ascl", f"trainer.epochs={EPOCHS}", f"trainer.max_steps_per_epoch={STEPS}",
+              "trainer.progress=false", "trainer.batch_size=32", "eval.linear=false"]
+    results = tmp_path / "signalled"
+    args = [sys.executable, "-c", KILL_DRIVER, f"results_dir={results}", *common]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GROUPBENCH_KILL_AT": "never"}
+    run_dir = run_dir_for(resolve_run_config(compose_config([f"results_dir={results}", *common])))
+
+    first = subprocess.run(args, cwd=REPO, env={**env, "GROUPBENCH_SIGNAL_AT": "step:2:1"},
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == -signal.SIGUSR2, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "@signal step:2:1" in first.stdout
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["step"], len(state["history"])) == (1, 1, 1)
+    assert not (run_dir / "record.json").exists()  # a signal is not a failure
+
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"after epoch 1/{EPOCHS}, step 1/{STEPS} of epoch 2" in second.stdout
+    resumed = json.loads((run_dir / "record.json").read_text())
+    straight = run(compose_config([f"results_dir={tmp_path / 'straight'}", *common]))
+    assert resumed["resumed_from"] == [1] and resumed["resumed_from_step"] == [STEPS + 1]
+    assert straight["resumed_from"] == [] and straight["resumed_from_step"] == []
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["correct"] == straight["correct"]
+
+
+def test_signal_handler_runs_after_the_checkpoint_and_stays_in_place(tmp_path, monkeypatch):
+    """As under submitit, whose SIGUSR2 handler requeues the job and exits: that handler runs once
+    the checkpoint of the step under way is written, and is the handler again afterwards."""
+    from engine.data import TrainBatches
+
+    calls = []
+
+    def requeue(signum, frame):
+        calls.append(signum)
+        raise SystemExit(-1)
+
+    real_epoch = TrainBatches.epoch
+
+    def epoch(self, e, start_step=0):
+        for s, item in enumerate(real_epoch(self, e, start_step), start_step):
+            if (e, s) == (0, 1):  # the second batch of the first epoch is fetched
+                os.kill(os.getpid(), signal.SIGUSR2)
+            yield item
+
+    monkeypatch.setattr(TrainBatches, "epoch", epoch)
+    overrides = [f"results_dir={tmp_path}", *SHORT]
+    run_dir = run_dir_for(resolve_run_config(compose_config(overrides)))
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(SystemExit):
+            run(compose_config(overrides))
+        assert calls == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["step"]) == (0, 2) and state["history"] == []
+    assert not (run_dir / "record.json").exists()  # requeued, not failed
+
+
+# --------------------------------------------------------------------------------------------
+# reference rows and the smoke check
+# --------------------------------------------------------------------------------------------
+def test_reference_rows_are_evaluated_without_training(tmp_path, monkeypatch):
+    positions = saved_positions(monkeypatch)
+    record = one_epoch_record(tmp_path, "r", ["method=random_init"])
+    assert record["status"] == "finished" and record["reference"] is True
+    assert (record["epochs"], record["steps"], record["history"]) == (0, 0, [])
+    assert record["train_seconds"] == 0.0 and record["distributed"]["augmentation"] == "none (not trained)"
+    assert positions == [] and not list(tmp_path.rglob("checkpoint.pt"))
+    assert record_problem(record) is None
+    assert record["metrics"]["knn20_top1"] > 10.0  # a random network's features beat chance
+
+
+def test_smoke_run_builds_like_a_run_and_writes_nothing(tmp_path):
+    from engine.train import smoke_run
+
+    keys = {"status", "error", "step_ms", "first_step_ms", "peak_mb", "device", "precision",
+            "compile"}
+    base = [f"results_dir={tmp_path}", "trainer.batch_size=64"]
+    ok = smoke_run(compose_config([*base, "trainer.precision=bf16"]), steps=2)
+    assert set(ok) == keys
+    assert ok["status"] == "ok" and ok["error"] is None, ok
+    assert (ok["device"], ok["precision"], ok["compile"]) == ("cpu", "bf16", False)
+    assert ok["step_ms"] > 0 and ok["first_step_ms"] > 0 and ok["peak_mb"] > 0
+    reference = smoke_run(compose_config([*base, "method=pixels"]))
+    assert reference["status"] == "ok" and reference["step_ms"] is None, reference
+    bad = smoke_run(compose_config([*base, "trainer.batch_size=5000"]))
+    assert bad["status"] == "error" and "\n" not in bad["error"]
+    assert bad["error"].startswith("TrainingError: trainer.batch_size=5000 exceeds the 1437")
+    assert not list(tmp_path.rglob("*"))  # nothing written, under runs/ or anywhere else
+
+
+# --------------------------------------------------------------------------------------------
+# data: shards of a global batch, resuming inside an epoch
+# --------------------------------------------------------------------------------------------
+def _batches_equal(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(ia, ib) and all(torch.equal(va, vb) for va, vb in zip(xa, xb, strict=True))
+        for (ia, xa), (ib, xb) in zip(a, b, strict=True)
+    )
+
+
+def _image_folder(root: Path) -> None:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 6), ("val", 1)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for j in range(per_class):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / cls / f"{j}.png")
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "files"])
+def test_train_batches_shards_and_starts_inside_an_epoch(tmp_path, kind):
+    """W ranks' slices of an in-memory dataset put together are the one-process batch (views
+    included); a file-backed one has the same images per rank. ``start_step`` yields exactly the
+    rest of the uninterrupted epoch, for every rank."""
+    import datasets
+    from datasets.views import view_config
+    from engine.data import TrainBatches
+
+    if kind == "files":
+        _image_folder(tmp_path)
+        bundle = datasets.load_dataset("imagefolder", tmp_path, image_size=16, eval_resize=16)
+        batch, steps = 4, 3
+    else:
+        bundle = datasets.load_dataset("digits")
+        batch, steps = 64, 3
+    views = [view_config(bundle.name, "shared", bundle.image_size)] * 2
+
+    def epoch(rank: int = 0, world: int = 1, start: int = 0) -> list:
+        batches = TrainBatches(bundle, views, batch, torch.device("cpu"), 3, 0, steps,
+                               rank=rank, world_size=world)
+        return list(batches.epoch(1, start))
+
+    whole = epoch()
+    assert len(whole) == steps and whole[0][1][0].shape[0] == batch
+    assert _batches_equal(epoch(start=2), whole[2:])
+    shards = [epoch(rank, 2) for rank in range(2)]
+    for step in range(steps):
+        indices = torch.cat([shards[r][step][0] for r in range(2)])
+        assert torch.equal(indices, whole[step][0])
+        if kind == "in_memory":
+            for v, view in enumerate(whole[step][1]):
+                assert torch.equal(torch.cat([shards[r][step][1][v] for r in range(2)]), view)
+    for rank in range(2):
+        assert _batches_equal(epoch(rank, 2, start=1), shards[rank][1:])
