@@ -4,8 +4,17 @@
     python -m eval.grid -m                                # the default grid (configs/config.yaml)
     python -m eval.grid -m method=simclr,moco seed=0,1,2  # any key can be swept
 
-Before a multirun starts, every config of the sweep is composed and validated, so a typo in the
-last value of a sweep fails before the first run trains.
+Before the first run (or SLURM submission), one run or a whole sweep, every config is composed and
+validated and the grid is pre-flighted on the CPU: each distinct dataset located and its files
+checked, each backbone and method built once, each batch size checked against its dataset. Any
+problem stops it with one line per problem and exit status 2, before anything is written under
+``results_dir``. Errors that only training can find still leave a failed run record.
+
+``smoke=true`` runs each config of the grid for a few steps and a small evaluation on its real
+device, precision and compile settings instead (through any launcher, SLURM included), prints one
+line per config and writes no run:
+
+    python -m eval.grid -m method=groco,simclr dataset=cifar10 smoke=true hydra/launcher=submitit_slurm
 
 On a cluster, ``hydra/launcher=submitit_slurm`` submits the grid as one SLURM job array (one task
 per run) and ``hydra/launcher=submitit_local`` runs it through submitit on this machine; their
@@ -14,15 +23,21 @@ settings are ``hydra.launcher.*`` overrides (configs/hydra/launcher/, slurm/READ
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+
+import methods  # noqa: F401  (registers every method's defaults node before hydra composes)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
@@ -31,6 +46,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 warnings.filterwarnings(
     "ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema"
 )
+
+
+class GridError(ValueError):
+    """Problems that stop a grid before its first run: one line each in ``problems``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 def _is_multirun(argv: list[str]) -> bool:
@@ -47,12 +70,32 @@ def _is_hydra_override(override: str) -> bool:
     return re.match(r"[+~]*hydra[./]", override) is not None
 
 
+def default_grid_override(overrides: list[str]) -> str | None:
+    """``method=<the default grid's presets>`` when ``overrides`` choose no method, else None.
+
+    The default grid's presets come from the method registry (``methods.default_grid_presets``:
+    every method's default preset, its base presets and the reference rows), never from a list
+    kept by hand, so a newly registered method joins the grid by itself.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(p.get_key_element().lstrip("+~") == "method" for p in parsed):
+        return None
+    from methods import default_grid_presets
+
+    return f"method={','.join(default_grid_presets())}"
+
+
 def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], int]:
     """Every job's override list of the sweep hydra's basic sweeper would launch, and the number
-    of processes each run will have (``tasks_per_node`` × ``nodes`` of a submitit launcher)."""
+    of processes each run will have (``tasks_per_node`` × ``nodes`` of a submitit launcher).
+    Without a ``method=`` override the sweep is the default grid (``default_grid_override``)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    default = default_grid_override(overrides)
+    overrides = [*overrides, default] if default else list(overrides)
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     fixed = [p.input_line for p in parsed if not p.is_sweep_override()]
@@ -69,27 +112,263 @@ def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], int]:
     return [job for batch in batches for job in batch], world
 
 
-def validate_sweep(overrides: list[str]) -> tuple[int, int]:
-    """Compose and resolve every job of the sweep; return (jobs, jobs already finished)."""
-    from engine.config import resolve_run_config
-    from engine.train import finished_record, run_dir_for
+def _label(job: list[str]) -> str:
+    return " ".join(o for o in job if not _is_hydra_override(o))
 
-    jobs, world = expand_sweep(overrides)
-    finished = 0
+
+def _dedupe(found: dict[str, list[str]]) -> list[str]:
+    """One line per distinct problem, naming the first grid job it was found in (and how many
+    more) where the problem came from a job of a multirun."""
+    lines = []
+    for message, labels in found.items():
+        where = [label for label in labels if label]
+        if where:
+            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+            message = f"{message} (grid job {where[0]}{more})"
+        lines.append(message)
+    return lines
+
+
+def resolve_jobs(
+    jobs: list[list[str]], world: int = 1, *, multirun: bool = True
+) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """Compose and resolve every job; (label, resolved config) of the valid ones and one line per
+    distinct problem of the others (unknown keys and names, invalid values)."""
+    from engine.config import resolve_run_config
+
+    resolved: list[tuple[str, dict[str, Any]]] = []
+    found: dict[str, list[str]] = {}
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for job in jobs:
-            cfg = compose("config", overrides=[o for o in job if not _is_hydra_override(o)])
+            label = _label(job) if multirun else ""
             try:
+                cfg = compose("config", overrides=[o for o in job if not _is_hydra_override(o)])
                 config = resolve_run_config(cfg)
-            except USER_ERRORS as exc:
-                raise type(exc)(f"grid job {' '.join(job)}: {exc}") from None
+            except (*USER_ERRORS, HydraException) as exc:
+                found.setdefault(" ".join(str(exc).split()), []).append(label)  # one line
+                continue
             if world > 1:  # as engine.train.run keys the run
                 config["trainer"]["world_size"] = world
-            finished += finished_record(run_dir_for(config)) is not None
-    return len(jobs), finished
+            resolved.append((label, config))
+    return resolved, _dedupe(found)
 
 
-def run_one(cfg: DictConfig) -> float | None:
+def _frozen(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def preflight(configs: list[tuple[str, dict[str, Any]]], world: int = 1) -> list[str]:
+    """What can fail at the start of a run, checked once per distinct setting, on the CPU, before
+    the first run (or SLURM submission): each dataset is located and its files checked
+    (``datasets.check_dataset``), each backbone built for its dataset's images, each method built
+    on it, each batch size checked against the dataset, the processes and the method
+    (``engine.train.check_batch_fits``), each method's augmentations resolved for the dataset.
+    Returns one line per distinct problem (the bad value and what was expected); nothing is
+    written. A dataset that would be downloaded (``dataset.download=true``) is only checked for a
+    root: its size, and so its batch checks, are known once a run has downloaded it."""
+    import torch
+
+    import datasets
+    from backbones import build_backbone
+    from datasets.views import view_config
+    from engine.config import method_options
+    from engine.train import TrainingError, check_batch_fits, resolve_compile
+    from methods import build_method
+
+    found: dict[str, list[str]] = {}
+    done: dict[str, tuple[Any, str | None]] = {}  # key -> (what was built, its problem)
+
+    def once(key: str, label: str, build: Any, what: str = "") -> Any:
+        """``build()`` the first time ``key`` is seen; every job that meets a failed key is
+        counted against its one problem line."""
+        if key not in done:
+            try:
+                done[key] = (build(), None)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, none raised
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                if not isinstance(exc, (*USER_ERRORS, TrainingError)):
+                    text = f"{type(exc).__name__}: {text}"  # not one of ours: name its type
+                done[key] = (None, f"{what}{text}")
+        built, message = done[key]
+        if message is not None:
+            found.setdefault(message, []).append(label)
+        return built
+
+    def load(data: dict[str, Any]) -> Any:
+        name, options = data["name"], data.get("options") or {}
+        datasets.check_dataset(name, data.get("root"), bool(data.get("download")), **options)
+        if data.get("download"):
+            return None  # loading would download it
+        return datasets.load_dataset(name, data.get("root"), False, **options)
+
+    by_method: dict[str, list[tuple[str, dict[str, Any], Any, Any, str]]] = {}
+    with torch.random.fork_rng(devices=[]):  # the runs seed themselves; leave no trace anyway
+        for label, config in configs:
+            data, trainer = config["dataset"], config["trainer"]
+            if trainer["compile"] is True:
+                once("compile", label, lambda: resolve_compile(True, torch.device("cpu")))
+            data_key = _frozen(["dataset", data["name"], data.get("root"),
+                                bool(data.get("download")), data.get("options") or {}])
+            # DatasetError messages name the dataset and the root they were given
+            bundle = once(data_key, label, lambda data=data: load(data))
+            if bundle is None:
+                continue
+            spec = config["backbone"]
+            backbone_key = _frozen(["backbone", spec, bundle.channels, bundle.image_size])
+            backbone = once(
+                backbone_key, label,
+                lambda spec=spec, bundle=bundle: build_backbone(
+                    spec["name"], in_chans=bundle.channels, stem=spec["stem"],
+                    image_size=bundle.image_size, patch_size=spec.get("patch_size"),
+                    **(spec.get("kwargs") or {}),
+                ),
+                f"backbone {spec['name']} (stem {spec['stem']}) on {bundle.name}'s "
+                f"{bundle.channels}-channel {bundle.image_size} px images: ",
+            )
+            if backbone is None:
+                continue
+            method_key = _frozen(["method", config["method"], backbone_key, data_key])
+            by_method.setdefault(method_key, []).append((label, config, bundle, backbone, data_key))
+
+        # One method at a time, each built once on its own copy of the backbone (a method may
+        # rework it: split BN) and dropped once its jobs' batch sizes are checked.
+        for method_key, jobs in by_method.items():
+            label, config, bundle, backbone, _ = jobs[0]
+            method_cfg = config["method"]
+
+            def make_method(method_cfg=method_cfg, backbone=backbone, bundle=bundle) -> Any:
+                method = build_method(
+                    method_cfg["name"], copy.deepcopy(backbone), **method_options(method_cfg)
+                )
+                for kind in method.view_kinds():
+                    view_config(bundle.name, kind, bundle.image_size)
+                return method
+
+            what = f"method {method_cfg['name']} (preset {method_cfg.get('preset')}): "
+            for label, config, bundle, _, _ in jobs:
+                method = once(method_key, label, make_method, what)
+                if method is None or not getattr(method, "trains", True):
+                    continue  # a reference row (pixels, random_init) takes no training batch
+                trainer = config["trainer"]
+                batch_key = _frozen(["batch", method_key, trainer["batch_size"],
+                                     trainer["grad_accum_steps"]])
+                once(batch_key, label, lambda method=method, trainer=trainer, bundle=bundle:
+                     check_batch_fits(method, trainer, len(bundle.pretrain), bundle.name, world))
+            if done[method_key][1] is None:
+                done[method_key] = (None, None)  # keep the verdict, not the model
+    return _dedupe(found)
+
+
+def check_grid(
+    jobs: list[list[str]], world: int = 1, *, multirun: bool = True
+) -> list[tuple[str, dict[str, Any]]]:
+    """Resolve every job and pre-flight the grid (``resolve_jobs``, ``preflight``); the (label,
+    resolved config) of every job, or GridError with one line per distinct problem."""
+    configs, problems = resolve_jobs(jobs, world, multirun=multirun)
+    problems += preflight(configs, world)
+    if problems:
+        raise GridError(problems)
+    return configs
+
+
+def count_finished(configs: list[tuple[str, dict[str, Any]]]) -> int:
+    """How many of the grid's runs already have a finished record (they will be skipped)."""
+    from eval.records import finished_record, run_dir_for
+
+    return sum(finished_record(run_dir_for(config)) is not None for _, config in configs)
+
+
+# --------------------------------------------------------------------------------------------
+# smoke mode (smoke=true): a few steps and a small evaluation per config, nothing written to runs/
+# --------------------------------------------------------------------------------------------
+SMOKE_FILE = "smoke.json"  # each job's result, in its hydra output directory
+_smoke_here: list[dict[str, Any]] = []  # results of the smoke jobs run in this process
+
+
+def smoke_line(label: str, result: dict[str, Any]) -> str:
+    """One line per config: ok/error, step time, peak memory, and where and how it ran."""
+    how = f"{result.get('device')}, {result.get('precision')}" + (
+        ", compiled" if result.get("compile") else ""
+    )
+    label = label or "run"
+    if result.get("status") == "ok":
+        step = result.get("step_ms")
+        steps = f"{step:.0f} ms/step" if step is not None else "no training step (reference)"
+        peak = result.get("peak_mb")
+        memory = f"peak {peak:.0f} MiB" if peak is not None else "peak memory unknown"
+        return f"[smoke] ok    {label}: {steps}, {memory} ({how})"
+    return f"[smoke] error {label}: {result.get('error')} ({how})"
+
+
+def _job_label() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return " ".join(o for o in HydraConfig.get().overrides.task
+                    if not (_is_hydra_override(o) or o.startswith("smoke=")))
+
+
+def _smoke_one(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from engine.io import atomic_write_json
+    from engine.train import smoke_run
+
+    label = _job_label()
+    try:
+        result = dict(smoke_run(cfg))
+    except Exception as exc:  # noqa: BLE001 - a smoke test reports, it does not stop the grid
+        error = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        result = {"status": "error", "error": f"{type(exc).__name__}: {error}", "step_ms": None,
+                  "peak_mb": None, "device": None, "precision": None, "compile": None}
+    result["job"] = label
+    print(smoke_line(label, result), flush=True)
+    _smoke_here.append(result)
+    if HydraConfig.initialized():
+        atomic_write_json(Path(HydraConfig.get().runtime.output_dir) / SMOKE_FILE, result)
+    return result
+
+
+def smoke_summary(n_jobs: int, sweep_dir: Path | None) -> int:
+    """Print the jobs' lines (those run elsewhere: submitit) and a total; the exit status."""
+    if sweep_dir is not None and len(_smoke_here) < n_jobs:
+        results = []
+        for path in sorted(sweep_dir.glob(f"*/{SMOKE_FILE}"), key=lambda p: int(p.parent.name)
+                           if p.parent.name.isdigit() else 0):
+            try:
+                results.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        for result in results:
+            print(smoke_line(result.get("job", ""), result))
+    else:
+        results = list(_smoke_here)
+    errors = sum(r.get("status") != "ok" for r in results)
+    missing = n_jobs - len(results)
+    summary = f"[smoke] {n_jobs} config(s): {len(results) - errors} ok, {errors} error"
+    if missing > 0:
+        where = f" (see the job logs under {sweep_dir})" if sweep_dir is not None else ""
+        summary += f", {missing} without a result{where}"
+    print(summary, flush=True)
+    return 1 if errors or missing > 0 else 0
+
+
+def _sweep_dir(overrides: list[str]) -> str:
+    """hydra.sweep.dir resolved once (its ${now:...} included), so that every job of the sweep and
+    this process agree on it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [p.input_line for p in parsed if not p.is_sweep_override()]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        base = compose("config", overrides=fixed, return_hydra_config=True)
+    return str(OmegaConf.select(base, "hydra.sweep.dir"))
+
+
+def run_one(cfg: DictConfig) -> float | dict[str, Any] | None:
+    if cfg.get("smoke"):
+        return _smoke_one(cfg)
     from engine.train import run
 
     record = run(cfg)
@@ -97,19 +376,53 @@ def run_one(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | dict[str, Any] | None:
     return run_one(cfg)
+
+
+# hydra's own commands (help, config printing, ...): nothing runs, so nothing is pre-flighted
+_HYDRA_COMMANDS = {"-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "-sc",
+                   "--shell-completion"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if _is_multirun(argv):
-            n_jobs, n_finished = validate_sweep(_user_overrides(argv))
-            done = f" ({n_finished} already finished)" if n_finished else ""
-            print(f"[groupbench] grid of {n_jobs} runs validated{done}", file=sys.stderr)
+    if _HYDRA_COMMANDS.intersection(argv):
         sys.argv = [sys.argv[0], *argv]
         _hydra_main()
+        return
+    try:
+        multirun = _is_multirun(argv)
+        if multirun:
+            # hydra's sweeper launches the default grid's methods only when they are on the
+            # command line (configs/config.yaml sweeps the seeds alone)
+            default = default_grid_override(_user_overrides(argv))
+            argv = [*argv, default] if default else argv
+            jobs, world = expand_sweep(_user_overrides(argv))
+        else:
+            jobs, world = [_user_overrides(argv)], int(os.environ.get("WORLD_SIZE") or 1)
+        # Every config resolved and pre-flighted before the first run or SLURM submission.
+        configs = check_grid(jobs, world, multirun=multirun)
+        smoke = any(config.get("smoke") for _, config in configs)
+        sweep_dir = None
+        if multirun and smoke:
+            sweep_dir = Path(_sweep_dir(_user_overrides(argv)))
+            argv = [a for a in argv if not a.startswith("hydra.sweep.dir=")]
+            argv.append(f"hydra.sweep.dir={sweep_dir}")
+            print(f"[groupbench] grid of {len(jobs)} configs validated; smoke test of each "
+                  "(no run is written)", file=sys.stderr)
+        elif multirun:
+            n_finished = count_finished(configs)
+            done = f" ({n_finished} already finished)" if n_finished else ""
+            print(f"[groupbench] grid of {len(jobs)} runs validated{done}", file=sys.stderr)
+        sys.argv = [sys.argv[0], *argv]
+        _hydra_main()
+        if smoke:
+            sys.exit(smoke_summary(len(jobs), sweep_dir))
+    except GridError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
     except HydraException as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

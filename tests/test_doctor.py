@@ -1,0 +1,109 @@
+"""``python -m eval.doctor``: the environment report, and a non-zero exit where a grid would fail."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval.doctor as doctor
+from tests.conftest import REPO, run_cli
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str]:
+    status = doctor.main(argv)
+    return status, capsys.readouterr().out
+
+
+def _write_idx(path: Path, magic: int, dims: tuple[int, ...]) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+    count = 1
+    for d in dims:
+        count *= d
+    path.write_bytes(header + bytes(count))
+
+
+def test_reports_devices_threads_versions_and_data(capsys):
+    status, out = _run(capsys, [])
+    assert status == 0, out
+    assert f"torch threads: {torch.get_num_threads()} intra-op" in out
+    if not torch.cuda.is_available():
+        assert "CUDA not available" in out and "trainer.precision=auto is fp32" in out
+        assert "trainer.compile=auto: off on the CPU" in out
+    assert "backends: nccl " in out and "gloo yes" in out
+    ranges = doctor.compatible_ranges()
+    for name in ("torch", "torchvision", "timm"):
+        version = importlib.metadata.version(name)
+        assert f"ok    {name} {version} (compatible: {ranges[name]})" in out
+    assert "ok    digits: found" in out
+    assert out.rstrip().endswith("0 problem(s): ready for a grid")
+
+
+def test_the_ranges_are_the_installed_groupbench_requirements():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {Requirement(d).name: Requirement(d).specifier for d in declared}
+    ranges = doctor.compatible_ranges()
+    for name in ("torch", "torchvision", "timm"):
+        assert SpecifierSet(ranges[name]) == wanted[name], name
+
+
+def test_a_version_outside_its_range_fails(capsys, monkeypatch):
+    ranges = {**doctor.compatible_ranges(), "torch": ">=99"}
+    monkeypatch.setattr(doctor, "compatible_ranges", lambda: ranges)
+    status, out = _run(capsys, [])
+    assert status == 1
+    version = importlib.metadata.version("torch")
+    assert f"FAIL  torch {version} is outside groupbench's compatible range >=99" in out
+    assert out.rstrip().endswith("1 problem(s): a grid would fail here")
+
+
+def test_lists_the_datasets_found_under_the_data_root(capsys, monkeypatch, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 3), ("t10k", 2)):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", 0x803, (n, 28, 28))
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", 0x801, (n,))
+    monkeypatch.setenv("GROUPBENCH_DATA", str(tmp_path))
+    status, out = _run(capsys, [])
+    assert status == 0  # a dataset it cannot find is listed, not a failure
+    assert f"data root: $GROUPBENCH_DATA = {tmp_path}, exists" in out
+    assert f"ok    mnist: found under {tmp_path}" in out
+    assert "-     kmnist: not found (kmnist: " in out
+    assert "-     cifar10: not found (cifar10: " in out
+
+
+def test_a_grid_that_would_fail_exits_non_zero(tmp_path):
+    result = run_cli(["eval.doctor", "-m", "method=simclr,moco", "dataset=cifar10",
+                      f"dataset.root={tmp_path / 'missing'}", f"results_dir={tmp_path / 'out'}"])
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("FAIL")]
+    assert line.startswith(f"FAIL  cifar10 root '{tmp_path / 'missing'}' is not a directory")
+    assert line.endswith("and 5 more)")  # 2 methods × the default 3 seeds: one line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_asking_for_cuda_on_a_cpu_machine_fails(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    status, out = _run(capsys, ["trainer.device=cuda", f"results_dir={tmp_path}"])
+    assert status == 1
+    assert "FAIL  the grid asks for trainer.device=cuda and this machine has no CUDA" in out
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step():
+    assert doctor.ddp_step("gloo") is None
+    if not torch.cuda.is_available():
+        problem = doctor.ddp_step("nccl")  # no GPU: the processes fail, and the doctor says how
+        assert problem is not None and problem.startswith("rank"), problem
+
+
+def test_doctor_is_a_module_entry_point():
+    assert Path(doctor.__file__).name == "doctor.py" and "eval.doctor" in sys.modules

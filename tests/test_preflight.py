@@ -1,0 +1,203 @@
+"""Pre-flight of a grid (eval.grid): what can fail at the start of a run is found before the first
+run or SLURM submission, one clear line per problem, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+import eval.grid as grid
+from eval.grid import GridError, check_grid, preflight, resolve_jobs
+from tests.conftest import run_cli
+
+
+def _configs(jobs: list[list[str]], results, world: int = 1):
+    configs, problems = resolve_jobs([[f"results_dir={results}", *job] for job in jobs], world)
+    assert problems == []
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+def test_a_wrong_data_path_prints_one_line_and_writes_nothing(tmp_path):
+    missing = tmp_path / "nonexistent" / "cifar"
+    result = run_cli(["eval.grid", "dataset=cifar10", f"dataset.root={missing}",
+                      f"results_dir={tmp_path / 'results'}"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cifar10 root ") and str(missing) in lines[0]
+    assert "cifar-10-batches-py" in lines[0]  # what was expected
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()  # no run record, no hydra run directory
+
+
+def test_a_grid_reports_every_problem_once_before_any_run(tmp_path):
+    # 2 datasets × 2 methods × 2 seeds: cifar10's root is wrong (one line for its 4 jobs) and the
+    # batch exceeds digits' 1,437 training images (one line for digits' 4 jobs).
+    result = run_cli(["eval.grid", "-m", "dataset=digits,cifar10", "method=simclr,moco",
+                      "seed=0,1", f"dataset.root={tmp_path / 'nowhere'}",
+                      "trainer.batch_size=2048", f"results_dir={tmp_path / 'results'}"])
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.stderr
+    dataset, batch = sorted(errors, key=lambda line: "cifar10 root" not in line)
+    assert "cifar10 root" in dataset and "nowhere" in dataset and "and 3 more)" in dataset
+    assert batch.startswith("error: trainer.batch_size=2048 exceeds the 1437 pre-training "
+                            "images of digits; use at most 1437 (grid job ")
+    assert batch.endswith("and 3 more)")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# in process: what is checked, and how often
+# --------------------------------------------------------------------------------------------
+def test_method_limits_and_batch_are_checked_against_the_dataset(tmp_path):
+    configs = _configs([
+        ["method=groco", "trainer.batch_size=8"],  # top-k 10 needs 11 images per batch
+        ["method=moco", "method.queue_size=2048"],  # a queue larger than digits' 1,437 images
+        ["method=simclr", "trainer.batch_size=64"],  # fine
+    ], tmp_path)
+    problems = preflight(configs)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("method.topk_neg=10 needs more negatives than batch_size=8")
+    assert "grid job " in problems[0] and "method=groco" in problems[0]
+    assert problems[1].startswith("method.queue_size=2048 exceeds the 1437 pre-training images")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_per_process_batch_is_checked_for_the_launchers_processes(tmp_path):
+    # 96 splits into 3 micro-batches, but not once split over 3 processes (32 each).
+    configs = _configs([["trainer.batch_size=96", "trainer.grad_accum_steps=3"]], tmp_path,
+                       world=3)
+    [problem] = preflight(configs, world=3)
+    assert "per-process batch 32 (trainer.batch_size=96 over 3 processes)" in problem
+    assert preflight(_configs([["trainer.batch_size=96", "trainer.grad_accum_steps=3"]],
+                              tmp_path)) == []
+
+
+def test_each_distinct_dataset_backbone_and_method_is_built_once(tmp_path, monkeypatch):
+    import backbones
+    import datasets
+    import methods
+
+    calls = {"check": 0, "load": 0, "backbone": 0, "method": 0}
+
+    def counting(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(datasets, "check_dataset", counting("check", datasets.check_dataset))
+    monkeypatch.setattr(datasets, "load_dataset", counting("load", datasets.load_dataset))
+    monkeypatch.setattr(backbones, "build_backbone", counting("backbone", backbones.build_backbone))
+    monkeypatch.setattr(methods, "build_method", counting("method", methods.build_method))
+    jobs = [[f"method={m}", f"seed={s}"] for m in ("simclr", "moco") for s in (0, 1, 2)]
+    assert preflight(_configs(jobs, tmp_path)) == []
+    assert calls == {"check": 1, "load": 1, "backbone": 1, "method": 2}
+
+
+def test_a_dataset_problem_skips_what_depends_on_it_and_names_the_dataset(tmp_path):
+    configs = _configs([["dataset=cifar10", f"dataset.root={tmp_path / 'none'}"]], tmp_path)
+    with pytest.raises(GridError) as err:
+        check_grid([[f"results_dir={tmp_path}", "dataset=cifar10",
+                     f"dataset.root={tmp_path / 'none'}"]], multirun=False)
+    [line] = err.value.problems
+    assert line.startswith("cifar10 root ") and "grid job" not in line  # one run: no job label
+    assert preflight(configs) == [f"{line} (grid job results_dir={tmp_path} dataset=cifar10 "
+                                  f"dataset.root={tmp_path / 'none'})"]
+
+
+def test_config_errors_of_many_jobs_are_one_line(tmp_path):
+    jobs = [[f"results_dir={tmp_path}", f"seed={s}", "method.temperature=-1"] for s in range(3)]
+    configs, problems = resolve_jobs(jobs)
+    assert configs == []
+    assert problems == [f"invalid method.temperature=-1; it must be > 0 (grid job "
+                        f"results_dir={tmp_path} seed=0 method.temperature=-1 and 2 more)"]
+
+
+def test_an_unexpected_build_error_is_a_problem_line_naming_its_type(tmp_path, monkeypatch):
+    import backbones
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(backbones, "build_backbone", broken)
+    [line] = preflight(_configs([[]], tmp_path))
+    assert line.startswith("backbone test_resnet (stem lowres_pool) on digits's 1-channel 16 px "
+                           "images: RuntimeError: out of memory (grid job")
+    assert "second line" not in line
+
+
+def test_smoke_is_a_flag_outside_the_run_hash(tmp_path):
+    from engine.config import ConfigError, resolve_run_config
+    from eval.records import run_dir_for
+    from tests.conftest import compose_config
+
+    plain = resolve_run_config(compose_config([f"results_dir={tmp_path}"]))
+    smoke = resolve_run_config(compose_config([f"results_dir={tmp_path}", "smoke=true"]))
+    assert plain["smoke"] is False and smoke["smoke"] is True
+    assert run_dir_for(plain) == run_dir_for(smoke)
+    with pytest.raises(ConfigError, match=r"invalid smoke='yes'; it must be true or false"):
+        resolve_run_config(compose_config(["smoke=yes"]))
+
+
+def test_grid_module_keeps_a_single_entry_point():
+    # submitit pickles run_one by reference: it must stay importable under eval.grid
+    assert grid.run_one.__module__ == "eval.grid"
+
+
+# --------------------------------------------------------------------------------------------
+# smoke mode
+# --------------------------------------------------------------------------------------------
+def test_smoke_of_one_run_prints_its_line_and_writes_no_run(tmp_path):
+    result = run_cli(["eval.grid", "method=moco", "smoke=true", "trainer.batch_size=64",
+                      f"results_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("[smoke] ")][:-1]
+    assert line.startswith("[smoke] ok    method=moco trainer.batch_size=64 results_dir=")
+    assert "ms/step, peak " in line and line.endswith("MiB (cpu, fp32)")
+    assert "[smoke] 1 config(s): 1 ok, 0 error" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_smoke_error_is_one_line_and_a_failing_exit_status(tmp_path, monkeypatch, capsys):
+    import engine.train
+    from tests.conftest import compose_config
+
+    def failing(cfg, steps=3):
+        return {"status": "error", "error": "RuntimeError: CUDA out of memory", "step_ms": None,
+                "peak_mb": 80000.0, "device": "cuda:0", "precision": "bf16", "compile": True}
+
+    monkeypatch.setattr(engine.train, "smoke_run", failing)
+    monkeypatch.setattr(grid, "_smoke_here", [])
+    result = grid.run_one(compose_config([f"results_dir={tmp_path}", "smoke=true"]))
+    assert result["status"] == "error"
+    assert grid.smoke_summary(1, None) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[smoke] error run: RuntimeError: CUDA out of memory (cuda:0, bf16, compiled)",
+                   "[smoke] 1 config(s): 0 ok, 1 error"]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_smoke_of_the_default_grid(tmp_path, capsys):
+    """Every config of the default grid, a few steps and a small evaluation each (2 cores: about
+    a minute, under the 2-minute target)."""
+    import time
+
+    from eval.grid import default_grid_override, expand_sweep
+
+    jobs, _ = expand_sweep([default_grid_override([])])
+    start = time.monotonic()
+    result = run_cli(["eval.grid", "-m", "smoke=true", f"results_dir={tmp_path}"], timeout=900)
+    wall = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    ok = [line for line in result.stdout.splitlines() if line.startswith("[smoke] ok ")]
+    assert len(ok) == len(jobs) >= 30
+    assert f"[smoke] {len(jobs)} config(s): {len(jobs)} ok, 0 error" in result.stdout
+    assert not (tmp_path / "runs").exists()
+    with capsys.disabled():
+        print(f"\n[smoke] default grid, {len(jobs)} configs: {wall:.0f} s wall")
