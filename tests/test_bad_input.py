@@ -29,6 +29,7 @@ from eval.knn import knn_top1
 from methods import MethodConfigError, build_method
 from methods.simclr import SimCLR
 from tests.conftest import REPO, compose_config
+from tests.tiny import make_record
 
 FAST = ["trainer.progress=false", "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
         "eval.linear=false"]
@@ -148,7 +149,8 @@ def test_bad_runs_fail_before_training(tmp_path, overrides, error, needles):
 
 def test_queue_larger_than_the_dataset_is_allowed_for_support_sets():
     """NNCLR's and All4One's queues hold neighbours, not negatives: solo-learn runs them larger
-    than CIFAR (spec nnclr.md §4, all4one.md F3), and ``exclude_self`` is the clean fix."""
+    than CIFAR (docs/methods/nnclr.md §5, docs/methods/all4one.md §5), and ``exclude_self`` is
+    the clean fix."""
     for name in ("nnclr", "all4one"):
         config = resolve_run_config(compose_config([f"method={name}", "method.queue_size=2048"]))
         backbone = build_backbone("test_resnet", in_chans=1, stem="lowres_pool", image_size=16)
@@ -323,7 +325,8 @@ def test_non_finite_loss_stops_at_once_keeping_the_last_checkpoint(tmp_path, mon
 
     monkeypatch.setattr(SimCLR, "training_step", step)
     overrides = [f"results_dir={tmp_path}", *FAST, "trainer.epochs=3",
-                 "trainer.max_steps_per_epoch=3", "trainer.batch_size=64"]
+                 "trainer.max_steps_per_epoch=3", "trainer.batch_size=64",
+                 "trainer.checkpoint_every_s=0"]  # a checkpoint at every epoch end
     run_dir = run_dir_for(resolve_run_config(compose_config(overrides)))
     with pytest.raises(TrainingError) as err:
         run(compose_config(overrides))
@@ -341,8 +344,6 @@ def test_non_finite_loss_stops_at_once_keeping_the_last_checkpoint(tmp_path, mon
 
 
 def _good_record() -> dict:
-    from tests.test_report import make_record
-
     return make_record("simclr", "solo", 0, 80.0, 85.0)
 
 

@@ -1,7 +1,7 @@
 """Scale-out through hydra-submitit-launcher: a real SLURM cluster, and grid hygiene.
 
 The ``slurm`` tests need a reachable SLURM (``sinfo`` answers) with partitions ``debug`` and
-``low`` (``low`` preemptible by ``debug``), as ``../shared/recipes/slurm-localhost.sh start``
+``low`` (``low`` preemptible by ``debug``), as ``bash slurm/local-cluster.sh start``
 provides on one machine; ``.ci/run`` starts it. Without one they are skipped, saying why. Budgets
 are tiny (1-10 short epochs of digits) and every job asks for at most the 2 CPUs of that node.
 
@@ -43,7 +43,7 @@ DEBUG = [
 def _slurm() -> tuple[str | None, set[str]]:
     """(why SLURM cannot be used or None, its partitions)."""
     if shutil.which("sinfo") is None:
-        return "no SLURM: `sinfo` is not on PATH (start one: ../shared/recipes/slurm-localhost.sh start)", set()
+        return "no SLURM: `sinfo` is not on PATH (start one: bash slurm/local-cluster.sh start)", set()
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -133,7 +133,8 @@ def test_grid_runs_as_one_job_array(tmp_path, capsys):
 # Short epochs: each one is a checkpoint, and after the first the job has 11 more to go when the
 # preempting job arrives (SLURM preempts within about a second on the test node).
 PREEMPTED_RUN = ["method=moco", "seed=0", "trainer.epochs=12", "trainer.max_steps_per_epoch=4",
-                 "trainer.batch_size=32", "trainer.progress=false", "eval.linear=false"]
+                 "trainer.batch_size=32", "trainer.progress=false", "eval.linear=false",
+                 "trainer.checkpoint_every_s=0"]
 
 
 def _checkpoint_epoch(results: Path) -> int:
@@ -255,3 +256,35 @@ def test_failed_run_is_recorded_and_a_resubmission_reruns_only_it(tmp_path):
     records = {r["seed"]: r for r in _records(tmp_path)}
     assert records[0] == finished  # untouched: skipped, not trained again
     assert records[1]["status"] == "finished"
+
+
+# --------------------------------------------------------------------------------------------
+# smoke mode through the launchers: each job smoke-tests its config, the submitting process
+# prints every job's line and the total; no run is written
+# --------------------------------------------------------------------------------------------
+SMOKE_GRID = ["eval.grid", "-m", "method=simclr,moco", "seed=0", "smoke=true",
+              "trainer.batch_size=64", "trainer.progress=false"]
+
+
+def _assert_smoke_output(result, tmp_path: Path, n: int) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[smoke] ok ")]
+    assert len(lines) == n, result.stdout[-3000:]
+    assert all("ms/step" in line and "MiB (cpu, fp32)" in line for line in lines), lines
+    assert f"[smoke] {n} config(s): {n} ok, 0 error" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(SLURM_MISSING is not None, reason=str(SLURM_MISSING))
+def test_smoke_grid_runs_through_slurm(tmp_path):
+    _require_partitions("debug")
+    result = run_cli([*SMOKE_GRID, f"results_dir={tmp_path}", *DEBUG], timeout=600)
+    _assert_smoke_output(result, tmp_path, 2)
+
+
+@pytest.mark.slow
+def test_smoke_grid_runs_through_submitit(tmp_path):
+    result = run_cli([*SMOKE_GRID, f"results_dir={tmp_path}", "hydra/launcher=submitit_local",
+                      "hydra.launcher.timeout_min=10"], timeout=600)
+    _assert_smoke_output(result, tmp_path, 2)
