@@ -2,7 +2,7 @@
 
 ``build_backbone("resnet18", in_chans=3, stem="lowres", image_size=32)`` returns a timm model
 created with ``num_classes=0`` whose forward pass gives pooled features of size
-``model.num_features``. Stems (spec recipes.md §1):
+``model.num_features``. Stems (docs/recipes.md §1):
 
 - ``imagenet``: timm's default.
 - ``lowres``: ResNet family — the first stride-2 stem conv becomes 3×3, stride 1, padding 1 and the

@@ -1,4 +1,4 @@
-"""Learning-rate rules, schedules and optimiser groups (spec recipes.md §5)."""
+"""Learning-rate rules, schedules and optimiser groups (docs/recipes.md §5)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,72 @@
+"""The training-step section of ``python -m eval.bench``: FLOP counting, the step it times, the
+rows, targets and README table it produces (fast checks; the timings themselves are benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+
+from eval import bench
+
+
+def test_step_flops_counts_forward_and_backward_matmuls():
+    # Linear 8 → 4 on 5 rows: forward 2·5·8·4 FLOP, backward twice that (input and weight grads).
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def step() -> None:
+        layer(x).sum().backward()
+
+    assert bench.step_flops(step) == 3 * 2 * 5 * 8 * 4
+
+
+def test_sgemm_rate_is_flops_over_time(monkeypatch):
+    monkeypatch.setattr(bench, "timeit", lambda fn, repeats, warmup=1: 0.5)
+    assert bench.sgemm_gflops(size=100) == 2 * 100**3 / 0.5 / 1e9
+
+
+def test_method_step_runs_the_optimiser_and_resolves_each_scale():
+    method, step = bench.build_method_step("simclr")
+    before = [p.detach().clone() for p in method.parameters()]
+    step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, method.parameters(), strict=True))
+    # channels-last as the engine's ``auto`` puts it for a convolutional backbone
+    conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # the ResNet-18 scale: the method's CIFAR-10 settings on a 3-channel low-resolution ResNet-18
+    method, _ = bench.build_method_step("nnclr", "resnet18")
+    assert method.queue.size == 65536 and method.feature_dim == 512
+    assert method.backbone.conv1.in_channels == 3 and method.backbone.conv1.stride == (1, 1)
+
+
+def _rows(scale: str, seconds: dict[str, float]) -> list[dict]:
+    return [
+        {"method": name, "scale": scale, "seconds": s, "ratio": s / seconds["simclr"],
+         "gflop": 10.0, "gflops": 10.0 / s, "sgemm_gflops": 100.0, "sgemm_fraction": 0.1 / s,
+         "repeats": 2, "load": (0.5, 1.5)}
+        for name, s in seconds.items()
+    ]
+
+
+def test_targets_digits_all4one_and_resnet18_per_method():
+    from methods import get_method_class
+
+    results = {
+        "steps": _rows("digits", {"simclr": 0.2, "all4one": 0.5, "nnclr": 0.4}),
+        "steps_resnet18": _rows("resnet18", {"simclr": 10.0, "all4one": 14.0, "nnclr": 13.0}),
+    }
+    checks = {what: (measured, met) for what, measured, met in bench.targets(results)}
+    assert checks["all4one training step ≤ 2.0× SimCLR (digits)"] == ("2.50×", False)
+    assert not any("nnclr" in what and "digits" in what for what in checks)
+    a4 = get_method_class("all4one").step_time_vs_simclr
+    nn = get_method_class("nnclr").step_time_vs_simclr
+    assert checks[f"all4one training step ≤ {a4}× SimCLR (ResNet-18, 32 px)"] == ("1.40×", 1.4 <= a4)
+    assert checks[f"nnclr training step ≤ {nn}× SimCLR (ResNet-18, 32 px)"] == ("1.30×", 1.3 <= nn)
+
+
+def test_render_shows_time_ratio_flops_and_fraction_of_sgemm():
+    results = {"machine": "test", "steps_resnet18": _rows("resnet18", {"simclr": 10.0, "cld": 12.0})}
+    text = bench.render(results)
+    assert "ResNet-18, low-resolution stem, 32 px" in text and "(100 GFLOP/s)" in text
+    assert "load average 0.5 before, 1.5 after" in text
+    assert "| cld | 12000 | 1.20 | 10.0 | 1 | 1% |" in text
+    assert "| simclr | 10000 | 1.00 | 10.0 | 1 | 1% |" in text
