@@ -5,12 +5,18 @@ Everything is measured in one process, on this machine, as ratios where a ratio 
   DataLoader with workers on the same cores (32 px CIFAR-style, 96 px STL-style; 2 views/image);
 - loss forward+backward at B = 1024, D = 2048: NT-Xent, and GroCo per sorting back end and group
   size, as a ratio to NT-Xent (and group_sum vs diffsort);
-- one training step per registered method (default preset on digits' backbone and batch) as a
-  ratio to SimCLR's step;
-- k-NN over a 50k bank and 10k queries (d = 512), and the linear probe on cached features;
+- one training step per training method (default preset, forward, backward, optimiser step and
+  per-step state) as a ratio to SimCLR's step, at two scales: the digits recipe (``steps``) and
+  ResNet-18 with the low-resolution stem at 32 px (``steps_resnet18``), with the achieved GFLOP/s
+  (torch's FLOP counter) as a fraction of this machine's sgemm rate measured in the same run;
+- evaluation: the whole linear probe at 60,000 × 96 and 50,000 × 512 (with one scikit-learn
+  lbfgs fit for scale), k-NN over a 50k bank and 10k queries (d = 512) as a ratio to the bare
+  bank × queries matmul, and evaluation time per 10,000 images at CIFAR-10 size (feature
+  extraction + k-NN + probe);
 - the default grid's wall time, from the records of ``python -m eval.grid -m`` (``wall_seconds``).
 
-``--quick`` shrinks repetitions for a smoke check. The README section between the
+``--quick`` shrinks repetitions for a smoke check; ``--only SECTION ...`` runs some sections
+(``steps_resnet18`` alone takes several minutes on two cores). The README section between the
 ``<!-- performance:start -->`` / ``<!-- performance:end -->`` markers is replaced atomically.
 """
 
@@ -197,80 +203,304 @@ def bench_large_groups(quick: bool) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # training steps
 # --------------------------------------------------------------------------------------------
-def method_step(name: str) -> Callable[[], None]:
-    """One training step of method ``name`` (default preset, resolved for digits: its backbone,
-    batch of 256 and views): forward, backward and the per-step state update."""
+STEP_BATCH = 256
+#: The two scales of the step benchmark, both at batch 256 with each method's default preset:
+#: the digits recipe (its backbone and stem, augmented digits views) and ResNet-18 with the
+#: low-resolution stem on random 32 px three-channel views, with the method's CIFAR-10 settings
+#: (queue sizes, heads). Timed steps per scale: (full run, ``--quick``).
+STEP_SCALES: dict[str, dict[str, Any]] = {
+    "digits": {"dataset": "digits", "label": "digits: `test_resnet`, 16 px, 1 channel",
+               "repeats": (5, 2)},
+    "resnet18": {"dataset": "cifar10", "label": "ResNet-18, low-resolution stem, 32 px, 3 channels",
+                 "repeats": (2, 1)},
+}
+#: Step-time targets (× SimCLR) on digits, where the heads outweigh the 0.37 M-parameter backbone;
+#: at the ResNet-18 scale each method's own ``step_time_vs_simclr`` applies.
+DIGITS_STEP_TARGETS = {"all4one": 2.0}
+SGEMM_SIZE = 2048
+#: The README's first command (the default grid on digits) on two cores, in minutes.
+GRID_TARGET_MINUTES = 13
+
+
+def sgemm_gflops(size: int = SGEMM_SIZE, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate now, in GFLOP/s: 2·size³ FLOP over the median time of
+    one size × size by size × size product, on the current thread count."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    return 2 * size**3 / timeit(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def method_step(name: str, scale: str = "digits") -> Callable[[], None]:
+    """One training step of method ``name`` at ``scale``; see ``build_method_step``."""
+    return build_method_step(name, scale)[1]
+
+
+def build_method_step(name: str, scale: str = "digits") -> tuple[torch.nn.Module, Callable[[], None]]:
+    """Method ``name`` and one training step of it as the engine runs it on the CPU, at ``scale``
+    (a key of ``STEP_SCALES``): the default preset resolved for the scale's dataset, channels-last
+    where the engine's ``auto`` puts it, then zero_grad, forward, backward, the optimiser step and
+    the per-step state update (``after_optimizer_step``)."""
     from hydra import compose, initialize_config_dir
 
     import datasets
     from backbones import build_backbone
     from datasets.views import MultiViewAugment, view_config
     from engine.config import method_options, resolve_run_config
-    from methods import build_method
+    from engine.optim import OptimizerSettings, build_optimizer
+    from engine.train import resolve_channels_last
+    from methods import build_method, get_method_class
 
+    if scale not in STEP_SCALES:
+        raise ValueError(f"unknown step scale {scale!r}; valid: {', '.join(STEP_SCALES)}")
+    dataset = STEP_SCALES[scale]["dataset"]
     config_dir = str(Path(__file__).resolve().parent.parent / "configs")
-    bundle = datasets.load_dataset("digits")
-    images = bundle.pretrain.images[:256]
+    preset = get_method_class(name).default_preset
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = resolve_run_config(compose("config", overrides=[f"method={name}"]))
+        cfg = resolve_run_config(
+            compose("config", overrides=[f"method={preset}", f"dataset={dataset}"])
+        )
+    generator = torch.Generator().manual_seed(0)
+    if dataset == "digits":
+        bundle = datasets.load_dataset("digits")
+        channels, size = bundle.channels, bundle.image_size
+    else:
+        channels, size = 3, 32
     torch.manual_seed(0)
-    backbone = build_backbone(cfg["backbone"]["name"], in_chans=1, stem=cfg["backbone"]["stem"],
-                              image_size=16)
+    backbone = build_backbone(cfg["backbone"]["name"], in_chans=channels,
+                              stem=cfg["backbone"]["stem"], image_size=size)
     method = build_method(name, backbone, **method_options(cfg["method"]))
-    augment = MultiViewAugment(
-        [view_config("digits", k, 16) for k in method.view_kinds()], bundle.mean, bundle.std
-    )
-    views = augment(images, generator=torch.Generator().manual_seed(0))
-    indices = torch.arange(len(images))
+    if dataset == "digits":
+        augment = MultiViewAugment(
+            [view_config("digits", k, size) for k in method.view_kinds()], bundle.mean, bundle.std
+        )
+        views = augment(bundle.pretrain.images[:STEP_BATCH], generator=generator)
+    else:
+        views = [torch.randn(STEP_BATCH, channels, size, size, generator=generator)
+                 for _ in method.view_kinds()]
+    if resolve_channels_last(cfg["trainer"]["channels_last"], backbone):
+        method.to(memory_format=torch.channels_last)
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    indices = torch.arange(STEP_BATCH)
+    optim = OptimizerSettings.from_dict(cfg["method"]["optimizer"])
+    optimizer = build_optimizer(method.parameter_groups(), optim, optim.peak_lr(STEP_BATCH))
     method.train()
 
     def step() -> None:
-        method.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         method.training_step(views, indices)["loss"].backward()
+        optimizer.step()
         method.after_optimizer_step(0, 100)
 
-    return step
+    return method, step
 
 
-def bench_train_steps(quick: bool) -> list[dict[str, Any]]:
+def step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call of ``step`` as torch's ``FlopCounterMode`` counts them (matmuls,
+    convolutions and attention, forward and backward; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def bench_train_steps(quick: bool, scale: str = "digits") -> list[dict[str, Any]]:
+    """Every training method's step at ``scale`` (``method_step``), against SimCLR's.
+
+    All methods are built first, then each runs one warm-up step whose FLOPs are counted
+    (``step_flops``), then timed steps in interleaved rounds, so that a slow stretch of a shared
+    machine falls on every method alike; a method's time is its median. Achieved GFLOP/s are
+    counted FLOPs over that time, also given as a fraction of this machine's sgemm rate measured
+    just before (``sgemm_gflops``)."""
     from methods import list_methods
 
-    rows = [{"method": name, "seconds": timeit(method_step(name), 2 if quick else 5)}
-            for name in list_methods()]
-    simclr = next(r["seconds"] for r in rows if r["method"] == "simclr")
-    for row in rows:
-        row["ratio"] = row["seconds"] / simclr
+    repeats = STEP_SCALES[scale]["repeats"][1 if quick else 0]
+    load_before = os.getloadavg()[0]
+    rate = sgemm_gflops()
+    steps = {name: method_step(name, scale) for name in list_methods(trains=True)}
+    flops = {name: step_flops(step) for name, step in steps.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    simclr = statistics.median(times["simclr"])
+    rows = []
+    for name in steps:
+        seconds = statistics.median(times[name])
+        gflops = flops[name] / 1e9
+        rows.append({"method": name, "scale": scale, "seconds": seconds,
+                     "ratio": seconds / simclr, "gflop": gflops, "gflops": gflops / seconds,
+                     "sgemm_gflops": rate, "sgemm_fraction": gflops / seconds / rate,
+                     "repeats": repeats, "load": (load_before, os.getloadavg()[0])})
     return rows
 
 
 # --------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------
-def bench_eval(quick: bool) -> list[dict[str, Any]]:
-    from eval.knn import knn_evaluate
+#: Feature caches the evaluation benchmark measures on: (N_train, d) with the 10,000-image test
+#: split. 60,000 × 96 is Fashion-MNIST's train split at the width of digits' backbone; 50,000 × 512
+#: is CIFAR-10's train split with ResNet-18's pooled features.
+PROBE_SIZES = ((60000, 96), (50000, 512))
+PROBE_SIZES_QUICK = ((10000, 96), (10000, 512))
+#: k-NN benchmark: bank × queries × d, and the settings of the record (k, T).
+KNN_SIZE, KNN_SIZE_QUICK = (50000, 10000, 512), (10000, 2000, 512)
+KNN_SETTINGS = ((20, 0.07), (200, 0.1))
+#: λ of the single scikit-learn lbfgs fit shown for scale next to each probe.
+SKLEARN_SCALE_LAMBDA = 1e-4
+
+
+def probe_features(
+    n_train: int, dim: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Realistic features for the probe and k-NN benchmarks: (train, train labels, test, test
+    labels, description).
+
+    Fashion-MNIST pixels (first ``n_train`` train images, all 10,000 test images, scaled to
+    [0, 1]) times a fixed Gaussian random projection 784 → ``dim`` (seed ``seed``, entries
+    N(0, 1/28²)): overlapping classes and strongly correlated dimensions, like pooled features.
+    Without the dataset on this machine: class-conditional Gaussians with the same shapes
+    (10 classes, overlapping, correlated through a fixed mixing matrix), said in the description.
+    """
+    import datasets
+
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        bundle = datasets.load_dataset("fashion_mnist")
+    except (OSError, ValueError, RuntimeError):
+        bundle = None
+    if bundle is not None and n_train <= len(bundle.train.labels):
+        projection = torch.randn(784, dim, generator=generator) / 28
+
+        def project(images: torch.Tensor) -> torch.Tensor:
+            return (images.reshape(len(images), -1).float() / 255) @ projection
+
+        return (project(bundle.train.images[:n_train]), bundle.train.labels[:n_train].long(),
+                project(bundle.test.images), bundle.test.labels.long(),
+                f"Fashion-MNIST pixels, random projection to {dim}")
+    classes, n_test = 10, 10000
+    centres = 0.6 * torch.randn(classes, dim, generator=generator)
+    mix = torch.randn(dim, dim, generator=generator) / dim**0.5
+    mix = mix * torch.logspace(0, -2, dim)[None]
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, classes, (n,), generator=generator)
+        return (centres[y] + torch.randn(n, dim, generator=generator)) @ mix, y
+
+    return (*draw(n_train), *draw(n_test), f"synthetic Gaussian classes, d = {dim}")
+
+
+def _sklearn_single_fit_seconds(x: torch.Tensor, y: torch.Tensor, lam: float) -> float:
+    """One scikit-learn lbfgs fit (the probe's reference solver, max_iter 1000, tol 1e-6) at
+    ``lam`` on the standardised features: the scale the issue quotes."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from eval.linear import _standardiser
+
+    x = x.double()
+    mu, sigma = _standardiser(x)
+    xn, yn = ((x - mu) / sigma).numpy(), y.numpy()
+    clf = LogisticRegression(solver="lbfgs", C=1.0 / (lam * len(yn)), tol=1e-6, max_iter=1000)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(xn, yn)
+    return time.perf_counter() - start
+
+
+def bench_probe(quick: bool) -> list[dict[str, Any]]:
+    """The whole linear probe (7 λ on the hold-out + refit) per feature size, with one sklearn
+    lbfgs fit at λ = ``SKLEARN_SCALE_LAMBDA`` for scale."""
     from eval.linear import linear_probe
 
+    rows = []
+    for n_train, dim in PROBE_SIZES_QUICK if quick else PROBE_SIZES:
+        x_train, y_train, x_test, y_test, source = probe_features(n_train, dim)
+        start = time.perf_counter()
+        probe = linear_probe(x_train, y_train, x_test, y_test)
+        seconds = time.perf_counter() - start
+        rows.append({
+            "n": n_train, "dim": dim, "source": source, "seconds": seconds,
+            "sklearn_one_fit": _sklearn_single_fit_seconds(x_train, y_train, SKLEARN_SCALE_LAMBDA),
+            "top1": probe.top1, "lambda": probe.chosen_lambda,
+            "converged": probe.converged and all(probe.holdout_converged.values()),
+            "iterations": probe.iterations, "hessian_products": probe.hessian_products,
+        })
+    return rows
+
+
+def _bare_knn_matmul(bank: torch.Tensor, queries: torch.Tensor, chunk_size: int) -> None:
+    """The floor of a k-NN pass: normalise, then bank × queries products chunk by chunk."""
+    bank = torch.nn.functional.normalize(bank, dim=1)
+    queries = torch.nn.functional.normalize(queries, dim=1)
+    out = torch.empty(min(chunk_size, len(queries)), len(bank))
+    for start in range(0, len(queries), chunk_size):
+        stop = min(start + chunk_size, len(queries))
+        torch.mm(queries[start:stop], bank.T, out=out[: stop - start])
+
+
+def bench_knn(quick: bool) -> list[dict[str, Any]]:
+    """``knn_evaluate`` per record setting against the bare chunked matmul (same chunk size)."""
+    from eval.knn import knn_evaluate
+
+    n_bank, n_query, dim = KNN_SIZE_QUICK if quick else KNN_SIZE
     generator = torch.Generator().manual_seed(0)
-    n_bank, n_query, dim, classes = (10000, 2000, 512, 100) if quick else (50000, 10000, 512, 100)
     bank = torch.randn(n_bank, dim, generator=generator)
     queries = torch.randn(n_query, dim, generator=generator)
-    y_bank = torch.randint(0, classes, (n_bank,), generator=generator)
-    y_query = torch.randint(0, classes, (n_query,), generator=generator)
+    y_bank = torch.randint(0, 100, (n_bank,), generator=generator)
+    y_query = torch.randint(0, 100, (n_query,), generator=generator)
+    chunk, repeats = 1024, 1 if quick else 3
+    bare = timeit(lambda: _bare_knn_matmul(bank, queries, chunk), repeats)
     rows = []
-    for k, t in ((20, 0.07), (200, 0.1)):
-        seconds = timeit(lambda k=k, t=t: knn_evaluate(bank, y_bank, queries, y_query, k=k,
-                                                       temperature=t), 1, warmup=0)
-        rows.append({"what": f"k-NN k={k}, {n_bank:,} bank × {n_query:,} queries, d={dim}",
-                     "seconds": seconds})
-    # the probe on a digits-size cache (what the default grid evaluates)
-    centers = torch.randn(10, 96, generator=generator) * 2
-    y_train = torch.randint(0, 10, (1437,), generator=generator)
-    y_test = torch.randint(0, 10, (360,), generator=generator)
-    x_train = centers[y_train] + torch.randn(1437, 96, generator=generator)
-    x_test = centers[y_test] + torch.randn(360, 96, generator=generator)
-    seconds = timeit(lambda: linear_probe(x_train, y_train, x_test, y_test), 1)
-    rows.append({"what": "linear probe (7 λ + refit), 1,437 × 96, 10 classes", "seconds": seconds})
+    for k, temperature in KNN_SETTINGS:
+        seconds = timeit(lambda k=k, t=temperature: knn_evaluate(
+            bank, y_bank, queries, y_query, k=k, temperature=t, chunk_size=chunk), repeats)
+        rows.append({"bank": n_bank, "queries": n_query, "dim": dim, "k": k,
+                     "temperature": temperature, "seconds": seconds, "bare_seconds": bare,
+                     "ratio": seconds / bare})
     return rows
+
+
+def bench_eval_per_10k(quick: bool, probe_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A CIFAR-10-sized evaluation (50,000 train + 10,000 test images, ResNet-18 with the
+    low-resolution stem at 32 px, d = 512) split into its parts, then per 10,000 images:
+    feature extraction (measured on a few batches, scaled), every k-NN metric of the record
+    (``evaluate_features`` without the probe: both settings, the k curve and the neighbour
+    agreement, from one neighbour pass), and the probe (the 512-d row of ``bench_probe``)."""
+    from backbones import build_backbone
+    from engine.evaluate import evaluate_features
+
+    n_train, n_test, size = 50000, 10000, 32
+    generator = torch.Generator().manual_seed(0)
+    backbone = build_backbone("resnet18", in_chans=3, stem="lowres", image_size=size).eval()
+    batch, batches = (64, 1) if quick else (256, 2)
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    with torch.inference_mode():
+        extract = timeit(lambda: backbone(images), batches) / batch * (n_train + n_test)
+    probe = next(r for r in probe_rows if r["dim"] == 512)
+    x_train, y_train, x_test, y_test, _ = probe_features(probe["n"], 512)
+    start = time.perf_counter()
+    evaluate_features(x_train, y_train, x_test, y_test,
+                      [{"k": k, "temperature": t} for k, t in KNN_SETTINGS], linear=False)
+    knn = time.perf_counter() - start
+    scale = 10000 / (probe["n"] + len(y_test))  # the k-NN and probe rows' own image count
+    total_images = n_train + n_test
+    return {
+        "label": "CIFAR-10 size: 50,000 + 10,000 images, ResNet-18 low-res stem, 32 px, d = 512",
+        "extract": extract * 10000 / total_images, "knn": knn * scale,
+        "probe": probe["seconds"] * scale,
+    }
+
+
+def bench_eval(quick: bool) -> dict[str, Any]:
+    probe = bench_probe(quick)
+    return {"probe": probe, "knn": bench_knn(quick), "per_10k": bench_eval_per_10k(quick, probe)}
 
 
 def grid_wall_time(runs_dir: Path) -> dict[str, Any] | None:
@@ -334,17 +564,24 @@ def render(results: dict[str, Any]) -> str:
         for r in results["large"]:
             lines.append(f"| {r['network']} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:.0f} |")
         lines.append("")
-    if results.get("steps"):
-        lines += ["**One training step** (default preset, digits: `test_resnet`, batch 256, forward+backward):", "",
-                  "| method | ms | × SimCLR |", "|---|---|---|"]
-        for r in results["steps"]:
-            lines.append(f"| {r['method']} | {1000 * r['seconds']:.0f} | {r['ratio']:.2f} |")
+    for key, scale in (("steps", "digits"), ("steps_resnet18", "resnet18")):
+        rows = results.get(key)
+        if not rows:
+            continue
+        lines += [f"**One training step**, {STEP_SCALES[scale]['label']}, batch {STEP_BATCH} "
+                  "(default preset; forward, backward, optimiser step and per-step state, as the "
+                  f"engine runs it; median of {rows[0]['repeats']} interleaved rounds). GFLOP: "
+                  "torch's FLOP counter (matmuls, convolutions, attention); the last column is the "
+                  "achieved rate as a fraction of a 2048² float32 matmul measured in the same run "
+                  f"({rows[0]['sgemm_gflops']:.0f} GFLOP/s); 1-minute load average "
+                  f"{rows[0]['load'][0]:.1f} before, {rows[0]['load'][1]:.1f} after:", "",
+                  "| method | ms | × SimCLR | GFLOP | GFLOP/s | of sgemm |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {1000 * r['seconds']:.0f} | {r['ratio']:.2f} | "
+                         f"{r['gflop']:.1f} | {r['gflops']:.0f} | {r['sgemm_fraction']:.0%} |")
         lines.append("")
     if results.get("eval"):
-        lines += ["**Evaluation** (CPU):", "", "| what | s |", "|---|---|"]
-        for r in results["eval"]:
-            lines.append(f"| {r['what']} | {r['seconds']:.2f} |")
-        lines.append("")
+        lines += render_eval(results["eval"])
     grid = results.get("grid")
     if grid:
         lines += [f"**Default grid** (`python -m eval.grid -m`): {grid['runs']} of its {grid['jobs']} runs "
@@ -361,6 +598,60 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"| {what} | {measured} | {'yes' if met else '**no**'} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_eval(ev: dict[str, Any]) -> list[str]:
+    """README lines of the evaluation benchmark (``bench_eval``)."""
+    lines = ["**Linear probe** (whole protocol: 7 λ on the hold-out, then the refit; Newton-CG, "
+             f"float64): one scikit-learn lbfgs fit at λ = {SKLEARN_SCALE_LAMBDA:g} shown for scale.",
+             "", "| features | N × d | probe s | one sklearn fit s | top-1 | λ | all fits converged "
+             "| Newton iterations per λ (1e-7 … 1e-1, refit) |", "|---|---|---|---|---|---|---|---|"]
+    for r in ev.get("probe", []):
+        iters = ", ".join(str(r["iterations"][key]) for key in sorted(
+            r["iterations"], key=lambda key: (key == "refit", float(key) if key != "refit" else 0)))
+        lines.append(f"| {r['source']} | {r['n']:,} × {r['dim']} | {r['seconds']:.1f} | "
+                     f"{r['sklearn_one_fit']:.1f} | {r['top1']:.2f} | {r['lambda']:g} | "
+                     f"{'yes' if r['converged'] else '**no**'} | {iters} |")
+    lines.append("")
+    knn = ev.get("knn", [])
+    if knn:
+        r0 = knn[0]
+        lines += [f"**k-NN**, {r0['bank']:,} bank × {r0['queries']:,} queries, d = {r0['dim']}, "
+                  "against the bare chunked bank × queries matmul "
+                  f"({r0['bare_seconds']:.2f} s):", "", "| k | T | s | × matmul |", "|---|---|---|---|"]
+        for r in knn:
+            lines.append(f"| {r['k']} | {r['temperature']:g} | {r['seconds']:.2f} | {r['ratio']:.2f} |")
+        lines.append("")
+    per = ev.get("per_10k")
+    if per:
+        total = per["extract"] + per["knn"] + per["probe"]
+        lines += [f"**Evaluation time per 10,000 images** ({per['label']}):", "",
+                  "| feature extraction s | k-NN (all record metrics) s | linear probe s | total s |",
+                  "|---|---|---|---|",
+                  f"| {per['extract']:.1f} | {per['knn']:.1f} | {per['probe']:.1f} | {total:.1f} |", ""]
+    return lines
+
+
+#: Targets of the evaluation benchmark. The probe's: the issue measured the previous probe at
+#: 18× one sklearn fit (108 s against 6 s); 10× faster is ≤ 1.8× one fit.
+PROBE_VS_ONE_SKLEARN_FIT = 1.8
+KNN_VS_MATMUL = 1.3
+
+
+def eval_targets(ev: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    out: list[tuple[str, str, bool]] = []
+    for r in ev.get("probe", []):
+        ratio = r["seconds"] / r["sklearn_one_fit"]
+        if r["dim"] == 96:  # the size the 10× target was stated at
+            out.append((f"probe {r['n']:,} × {r['dim']} ≤ {PROBE_VS_ONE_SKLEARN_FIT}× one sklearn "
+                        "fit (10× faster than before)", f"{ratio:.2f}×",
+                        ratio <= PROBE_VS_ONE_SKLEARN_FIT))
+        out.append((f"probe {r['n']:,} × {r['dim']}: converged at every λ",
+                    "yes" if r["converged"] else "no", r["converged"]))
+    for r in ev.get("knn", []):
+        out.append((f"k-NN k={r['k']} ≤ {KNN_VS_MATMUL}× the bare matmul", f"{r['ratio']:.2f}×",
+                    r["ratio"] <= KNN_VS_MATMUL))
+    return out
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -385,19 +676,25 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         mib = r["peak_bytes"] / 2**20
         out.append((f"GroCo n = 512, B = 256, {r['network']}: peak memory < 1 GiB", f"{mib:.0f} MiB",
                     r["peak_bytes"] < 2**30))
+    from methods import get_method_class, list_methods
+
     for r in results.get("steps") or []:
-        if r["method"] == "simclr":
+        limit = DIGITS_STEP_TARGETS.get(r["method"])
+        if limit is not None:
+            out.append((f"{r['method']} training step ≤ {limit}× SimCLR (digits)",
+                        f"{r['ratio']:.2f}×", r["ratio"] <= limit))
+    for r in results.get("steps_resnet18") or []:
+        if r["method"] == "simclr" or r["method"] not in list_methods():
             continue
-        limit = 1.5 if r["method"] == "all4one" else 1.25
-        out.append((f"{r['method']} training step ≤ {limit}× SimCLR", f"{r['ratio']:.2f}×",
-                    r["ratio"] <= limit))
-    for r in results.get("eval") or []:
-        if r["what"].startswith("k-NN k=200, 50,000"):
-            out.append(("k-NN 50k bank × 10k queries ≤ 20 s", f"{r['seconds']:.1f} s", r["seconds"] <= 20))
+        limit = get_method_class(r["method"]).step_time_vs_simclr
+        out.append((f"{r['method']} training step ≤ {limit}× SimCLR (ResNet-18, 32 px)",
+                    f"{r['ratio']:.2f}×", r["ratio"] <= limit))
+    out += eval_targets(results.get("eval") or {})
     grid = results.get("grid")
     if grid:
         minutes = grid["seconds"] / 60
-        out.append((f"default grid ({grid['runs']} runs) ≤ 10 min", f"{minutes:.1f} min", minutes <= 10))
+        out.append((f"default grid ({grid['runs']} runs) ≤ {GRID_TARGET_MINUTES} min",
+                    f"{minutes:.1f} min", minutes <= GRID_TARGET_MINUTES))
     return out
 
 
@@ -412,22 +709,28 @@ def write_readme(section: str, readme: Path = README) -> None:
     atomic_write_text(readme, f"{head}{START}\n{section}\n{END}{tail}")
 
 
+SECTIONS = ("augmentation", "losses", "large", "steps", "steps_resnet18", "eval", "grid")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller inputs")
     parser.add_argument("--write-readme", action="store_true", help="replace the README section")
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["augmentation", "losses", "large", "steps", "eval", "grid"])
+                        choices=list(SECTIONS),
+                        help="sections to run (default: all); steps_resnet18 takes minutes")
     parser.add_argument("--runs", default="results/runs", help="records of the default grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    want = set(args.only or ["augmentation", "losses", "large", "steps", "eval", "grid"])
+    want = set(args.only or SECTIONS)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
     }
     for name, fn in (("augmentation", bench_augmentation), ("losses", bench_losses),
                      ("large", bench_large_groups),
-                     ("steps", bench_train_steps), ("eval", bench_eval)):
+                     ("steps", bench_train_steps),
+                     ("steps_resnet18", lambda quick: bench_train_steps(quick, "resnet18")),
+                     ("eval", bench_eval)):
         if name in want:
             print(f"[bench] {name} …", file=sys.stderr)
             results[name] = fn(args.quick)

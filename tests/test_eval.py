@@ -1,4 +1,4 @@
-"""Tests for eval.knn, eval.linear and eval.stats (protocol.md §3–§5)."""
+"""Tests for eval.knn, eval.linear and eval.stats (docs/protocol.md §3–§5)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import torch
 from scipy import stats as sps
 
 import eval.linear as linear_module
-from eval.knn import knn_evaluate, knn_top1, neighbour_label_agreement
+from eval.knn import (
+    agreement_from_neighbours,
+    knn_evaluate,
+    knn_from_neighbours,
+    knn_top1,
+    nearest_neighbours,
+    neighbour_label_agreement,
+    resolve_k,
+)
 from eval.linear import (
     DEFAULT_LAMBDAS,
     _fit_sklearn,
@@ -223,6 +231,83 @@ def test_neighbour_label_agreement_bruteforce():
             assert got[k] == pytest.approx(expected[k], abs=1e-9)
 
 
+def test_nearest_neighbours_canonical_lists_bruteforce():
+    """Neighbour lists equal a float64 brute-force lexsort (similarity desc, index asc) on a
+    fixture full of exact ties, including rows whose k-th and (k+1)-th similarities tie (the
+    only rows re-examined) and k = N_train (every bank entry)."""
+    xtr, _, xte, _, _ = _tie_case(seed=7)
+    bank = xtr.double().numpy() / 2.0  # all norms are 2: cosines are exact multiples of 1/4
+    queries = xte.double().numpy() / 2.0
+    n_train = len(bank)
+    for k in (1, 4, 17, n_train - 1, n_train):
+        n_boundary = 0
+        for chunk in (1, 9, 1024):
+            top_s, top_i = nearest_neighbours(xtr, xte, k, chunk_size=chunk)
+            for row, q in enumerate(queries):
+                s = bank @ q
+                order = np.lexsort((np.arange(n_train), -s))
+                np.testing.assert_array_equal(top_i[row].numpy(), order[:k])
+                np.testing.assert_allclose(top_s[row].numpy(), s[order[:k]], atol=1e-6)
+                n_boundary += int(k < n_train and s[order[k - 1]] == s[order[k]])
+        assert k == n_train or n_boundary > 0
+
+
+def test_knn_from_neighbours_prefix_equals_knn_evaluate():
+    """One neighbour pass at the largest k gives, bit for bit, every smaller k's result."""
+    xtr, ytr, xte, yte, c = _tie_case(seed=8)
+    top_s, top_i = nearest_neighbours(xtr, xte, 60, chunk_size=13)
+    for k, temperature in ((1, 0.07), (5, 0.5), (20, 0.07), (60, 0.1)):
+        ref = knn_evaluate(xtr, ytr, xte, yte, k=k, temperature=temperature, num_classes=c)
+        got = knn_from_neighbours(top_s, top_i, ytr, yte, k, temperature, c, chunk_size=7)
+        assert torch.equal(got.correct, ref.correct)
+        assert torch.equal(got.top5_correct, ref.top5_correct)
+        assert (got.top1, got.top5, got.k) == (ref.top1, ref.top5, k)
+    got = agreement_from_neighbours(top_i, ytr, yte, (1, 5, 20, 60))
+    assert got == neighbour_label_agreement(xtr, ytr, xte, yte, ks=(1, 5, 20, 60))
+    with pytest.raises(ValueError, match=r"1\.\.60"):
+        knn_from_neighbours(top_s, top_i, ytr, yte, 61, 0.1, c)
+
+
+def test_knn_k_above_bank_size_raises_or_names_k_used():
+    """Protocol: k > N_train is an error naming both numbers. With ``clamp_k`` every bank entry
+    votes and the result names the k actually used (what the engine records as knn<k>_k_used)."""
+    xtr, ytr, xte, yte, c = _random_case(seed=4, n_train=30)
+    with pytest.raises(ValueError, match=r"k=200.*N_train=30"):
+        knn_evaluate(xtr, ytr, xte, yte, k=200)
+    got = knn_evaluate(xtr, ytr, xte, yte, k=200, temperature=0.1, clamp_k=True)
+    ref = knn_evaluate(xtr, ytr, xte, yte, k=30, temperature=0.1)
+    assert (got.k, got.k_requested) == (30, 200)
+    assert torch.equal(got.correct, ref.correct) and got.top1 == ref.top1
+    assert knn_evaluate(xtr, ytr, xte, yte, k=20).k_requested == 20
+    assert resolve_k(200, 30, clamp_k=True) == 30 and resolve_k(20, 30) == 20
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        resolve_k(0, 30, clamp_k=True)
+
+
+def test_evaluate_features_one_pass_equals_separate_calls():
+    """The engine's single neighbour pass gives the same numbers as one knn_evaluate per
+    setting / curve point, and names the k used when the bank is smaller than k."""
+    from engine.evaluate import CURVE_KS, CURVE_TEMPERATURE, evaluate_features
+
+    xtr, ytr, xte, yte, c = _random_case(seed=9, n_train=150, n_test=70)
+    settings = [{"k": 20, "temperature": 0.07}, {"k": 200, "temperature": 0.1}]
+    out = evaluate_features(xtr, ytr, xte, yte, settings, linear=False, chunk_size=16)
+    metrics = out["metrics"]
+    ref20 = knn_evaluate(xtr, ytr, xte, yte, k=20, temperature=0.07, num_classes=c)
+    ref150 = knn_evaluate(xtr, ytr, xte, yte, k=150, temperature=0.1, num_classes=c)
+    assert (metrics["knn20_top1"], metrics["knn20_top5"]) == (ref20.top1, ref20.top5)
+    assert (metrics["knn200_top1"], metrics["knn200_top5"]) == (ref150.top1, ref150.top5)
+    assert metrics["knn200_k_used"] == 150 and "knn20_k_used" not in metrics
+    assert metrics["knn_curve"] == {
+        str(k): knn_evaluate(xtr, ytr, xte, yte, k=k, temperature=CURVE_TEMPERATURE,
+                             num_classes=c).top1
+        for k in CURVE_KS if k <= 150
+    }
+    assert metrics["neighbour_agreement"] == {
+        str(k): v for k, v in neighbour_label_agreement(xtr, ytr, xte, yte, ks=(1, 5, 20, 50)).items()
+    }
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_knn_cuda_matches_cpu():
     xtr, ytr, xte, yte, _ = _random_case(seed=2, n_train=400, n_test=200)
@@ -273,7 +358,7 @@ def test_linear_probe_tie_goes_to_larger_lambda_unsorted_grid():
 def test_linear_probe_tie_inside_grid(monkeypatch):
     # Only λ ∈ {1e-3, 1e-2} produce a real classifier; the others predict nothing useful.
     # Both good λ tie at 100 % on the hold-out -> 1e-2, which is not on the edge.
-    def fake_fit(x, y, lam, max_iter, tol):
+    def fake_fit(x, y, lam, max_iter, tol, init=None):
         fit = linear_module._fit_sklearn(x, y, lam, max_iter, tol)
         if lam not in (1e-3, 1e-2):
             fit.weight = torch.zeros_like(fit.weight)
@@ -350,6 +435,97 @@ def test_linear_probe_records_nonconvergence(backend):
     assert not res.converged
     assert not any(res.holdout_converged.values())
     assert res.n_iter == 2
+    assert res.iterations == {"1e-05": 2, "1e-03": 2, "refit": 2}
+
+
+def _overlapping_gaussians(n_train, n_test, d, c, seed):
+    """Class-conditional Gaussians with overlap and correlated dimensions (an ill-conditioned
+    Gram matrix, like pooled CNN features): x = (μ_y + z) A, z ~ N(0, I), A fixed."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 0.6 * torch.randn(c, d, generator=g, dtype=torch.float64)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
+    mix = mix * torch.logspace(0, -2, d, dtype=torch.float64)[None]  # column scales 1 … 0.01
+
+    def draw(n):
+        y = torch.randint(0, c, (n,), generator=g)
+        return (centres[y] + torch.randn(n, d, generator=g, dtype=torch.float64)) @ mix + 3.0, y
+
+    return (*draw(n_train), *draw(n_test))
+
+
+def _max_abs_grad(x, y, lam, fit):
+    """max |∇J| at ``fit``, by autograd in float64 (independent of the solver's own gradient)."""
+    w = fit.weight.double().clone().requires_grad_()
+    b = fit.bias.double().clone().requires_grad_()
+    _, y_local = torch.unique(y, sorted=True, return_inverse=True)
+    loss = torch.nn.functional.cross_entropy(x @ w.T + b, y_local) + 0.5 * lam * w.pow(2).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    return max(gw.abs().max().item(), gb.abs().max().item())
+
+
+def test_newton_fit_matches_converged_sklearn_coefficients():
+    """10 classes, overlapping and correlated features: the Newton-CG fit and scikit-learn's
+    lbfgs, both run to a tight tolerance, give the same W, b (b up to a common shift) and
+    the same predictions; the returned point meets the gradient tolerance."""
+    xtr, ytr, _, _ = _overlapping_gaussians(600, 1, 16, 10, seed=0)
+    mu, sigma = _standardiser(xtr)
+    x = (xtr - mu) / sigma
+    for lam in (1e-4, 1e-2):
+        with linear_module._cpu_threads(x.device, 0):
+            ref = _fit_sklearn(x, ytr, lam, 5000, 1e-10)
+            fit = _fit_torch(x, ytr, lam, 1000, 1e-8)
+        assert fit.converged and fit.n_iter >= 1 and fit.n_hess >= 1
+        assert _max_abs_grad(x, ytr, lam, fit) <= 1e-8
+        assert torch.allclose(fit.weight, ref.weight, atol=1e-5), (fit.weight - ref.weight).abs().max()
+        shift = (fit.bias - ref.bias).mean()
+        assert torch.allclose(fit.bias - shift, ref.bias, atol=1e-5)
+        pred = lambda f: (x @ f.weight.T + f.bias).argmax(dim=1)  # noqa: E731
+        assert torch.equal(pred(fit), pred(ref))
+
+
+def test_newton_warm_start_reaches_the_same_solution():
+    xtr, ytr, _, _ = _overlapping_gaussians(500, 1, 12, 5, seed=1)
+    mu, sigma = _standardiser(xtr)
+    x = (xtr - mu) / sigma
+    with linear_module._cpu_threads(x.device, 0):
+        start = _fit_torch(x, ytr, 1e-5, 1000, 1e-8)  # the previous λ of the grid
+        cold = _fit_torch(x, ytr, 1e-6, 1000, 1e-8)
+        warm = _fit_torch(x, ytr, 1e-6, 1000, 1e-8, init=start)
+    assert cold.converged and warm.converged
+    assert warm.n_iter < cold.n_iter and warm.n_hess < cold.n_hess
+    # Same minimiser: |ΔW| ≤ ‖∇J‖/λ_min(H) ~ 1e-8/1e-6 at most; observed ~2e-6 on |W| ~ 11.
+    assert torch.allclose(warm.weight, cold.weight, atol=1e-5)
+
+
+def test_linear_probe_converges_at_every_lambda_and_matches_sklearn():
+    """The whole protocol on overlapping, correlated 10-class features: every grid fit and the
+    refit converge (max |∇J| ≤ tol, checked independently), iterations are recorded for each,
+    and top-1/top-5 agree with the scikit-learn reference within 0.1 point."""
+    xtr, ytr, xte, yte = _overlapping_gaussians(2000, 1000, 24, 10, seed=2)
+    ref = linear_probe(xtr, ytr, xte, yte, backend="sklearn", max_iter=5000)
+    res = linear_probe(xtr, ytr, xte, yte)
+    assert 30.0 < ref.top1 < 95.0  # a non-trivial problem
+    assert ref.converged and all(ref.holdout_converged.values())
+    assert res.converged and all(res.holdout_converged.values())
+    assert abs(res.top1 - ref.top1) <= 0.1 and abs(res.top5 - ref.top5) <= 0.1
+    assert res.chosen_lambda == ref.chosen_lambda
+    keys = ["1e-07", "1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01", "refit"]
+    assert sorted(res.iterations) == sorted(keys) == sorted(res.hessian_products)
+    assert all(1 <= res.iterations[key] <= 100 for key in keys)
+    assert res.n_iter == res.iterations["refit"]
+    # The same refit from zero: it meets the tolerance (checked independently) and costs more
+    # than the warm-started refit of the probe.
+    mu, sigma = _standardiser(xtr)
+    cold = _fit_torch((xtr - mu) / sigma, ytr, res.chosen_lambda, 1000, 1e-6)
+    assert _max_abs_grad((xtr - mu) / sigma, ytr, res.chosen_lambda, cold) <= 1e-6
+    assert res.hessian_products["refit"] < cold.n_hess
+
+
+def test_lambda_key():
+    assert [linear_module.lambda_key(lam) for lam in DEFAULT_LAMBDAS] == [
+        "1e-07", "1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"
+    ]
+    assert linear_module.lambda_key(2.5e-4) == "0.00025"
 
 
 # ---------------------------------------------------------------------------------------------
