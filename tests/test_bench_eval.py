@@ -6,7 +6,8 @@
 - k-NN over a 50,000 bank × 10,000 queries × 512 at the record's two settings, next to the bare
   chunked bank × queries matmul that bounds it from below.
 
-``python -m eval.bench --only eval`` measures the same things in one run, as ratios, for the README.
+``python -m eval.bench --only eval`` measures the same things in one run, as ratios, for the README;
+the two plain tests at the end check its targets and table on fixed numbers.
 """
 
 from __future__ import annotations
@@ -65,3 +66,47 @@ def test_bench_knn(benchmark, k: int, temperature: float):
                              chunk_size=CHUNK),
         rounds=3, iterations=1, warmup_rounds=1,
     )
+
+
+def _eval_results(probe_seconds: float, knn_ratios: tuple[float, float],
+                  knn_size: tuple[int, int, int] = KNN_SIZE) -> dict:
+    iterations = {"1e-07": 3, "1e-06": 5, "1e-05": 6, "1e-04": 7, "1e-03": 8, "1e-02": 9,
+                  "1e-01": 9, "refit": 6}
+    probe = [{"n": 60000, "dim": 96, "source": "fixture", "seconds": probe_seconds,
+              "sklearn_one_fit": 10.0, "top1": 81.43, "lambda": 1e-5, "converged": True,
+              "iterations": iterations, "hessian_products": {}},
+             {"n": 50000, "dim": 512, "source": "fixture", "seconds": 100.0,
+              "sklearn_one_fit": 50.0, "top1": 84.14, "lambda": 1e-3, "converged": False,
+              "iterations": iterations, "hessian_products": {}}]
+    bank, queries, dim = knn_size
+    knn = [{"bank": bank, "queries": queries, "dim": dim, "k": k, "temperature": t,
+            "seconds": 3.0 * ratio, "bare_seconds": 3.0, "ratio": ratio}
+           for (k, t), ratio in zip(KNN_SETTINGS, knn_ratios, strict=True)]
+    per_10k = {"label": "fixture", "extract": 50.0, "knn": 0.5, "probe": 10.0}
+    return {"machine": "test", "eval": {"probe": probe, "knn": knn, "per_10k": per_10k}}
+
+
+def test_eval_targets_probe_convergence_and_knn_ratio():
+    from eval.bench import targets
+
+    checks = {what: (measured, met) for what, measured, met in targets(_eval_results(8.0, (1.1, 1.4)))}
+    assert checks["probe 60,000 × 96 ≤ 1.8× one sklearn fit (10× faster than before)"] == ("0.80×", True)
+    assert checks["probe 60,000 × 96: converged at every λ"] == ("yes", True)
+    assert checks["probe 50,000 × 512: converged at every λ"] == ("no", False)
+    assert checks["k-NN k=20 ≤ 1.3× the bare matmul"] == ("1.10×", True)
+    assert checks["k-NN k=200 ≤ 1.3× the bare matmul"] == ("1.40×", False)
+    assert not any("50,000 × 512 ≤" in what for what in checks)  # no time target at 512
+    # --quick sizes carry no k-NN target.
+    quick = targets(_eval_results(8.0, (1.1, 1.9), knn_size=(10000, 2000, 512)))
+    assert not any(what.startswith("k-NN") for what, _, _ in quick)
+
+
+def test_eval_render_shows_iterations_ratios_and_per_10k():
+    from eval.bench import render
+
+    text = render(_eval_results(8.0, (1.1, 1.25)))
+    assert ("| fixture | 60,000 × 96 | 8.0 | 10.0 | 81.43 | 1e-05 | yes | 3, 5, 6, 7, 8, 9, 9, 6 |"
+            in text)
+    assert "| fixture | 50,000 × 512 | 100.0 | 50.0 | 84.14 | 0.001 | **no** |" in text
+    assert "| 20 | 0.07 | 3.30 | 1.10 |" in text and "| 200 | 0.1 | 3.75 | 1.25 |" in text
+    assert "| 50.0 | 0.5 | 10.0 | 60.5 |" in text
