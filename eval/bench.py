@@ -506,9 +506,12 @@ def bench_eval(quick: bool) -> dict[str, Any]:
 
 
 def grid_wall_time(runs_dir: Path) -> dict[str, Any] | None:
-    """Sum of the per-run wall times (records' ``wall_seconds``) of the default grid's runs, i.e.
-    of exactly the jobs ``python -m eval.grid -m`` launches, found by their run directories under
-    ``runs_dir``; ablation runs in the same directory are not counted."""
+    """Run times of the default grid's runs (records' training + evaluation seconds), i.e. of
+    exactly the jobs ``python -m eval.grid -m`` launches, found by their run directories under
+    ``runs_dir``; ablation runs in the same directory are not counted. ``seconds`` is their sum;
+    ``span`` runs from the earliest run's start (its ``finished_at`` less its run time) to the
+    latest ``finished_at``, the grid's wall time whether its runs went one after another or side
+    by side (``hydra/launcher=joblib``); ``threads`` the thread counts of the runs."""
     from hydra import compose, initialize_config_dir
 
     from engine.config import resolve_run_config
@@ -528,12 +531,21 @@ def grid_wall_time(runs_dir: Path) -> dict[str, Any] | None:
                     records.append(record)
     if not records:
         return None
+    from datetime import datetime
+
     per_method: dict[str, list[float]] = {}
+    starts, ends = [], []
     for r in records:
         key = f"{r['method']}/{r['preset']}"
-        per_method.setdefault(key, []).append(r.get("wall_seconds", r["train_seconds"] + r["eval_seconds"]))
+        seconds = r["train_seconds"] + r["eval_seconds"]
+        per_method.setdefault(key, []).append(seconds)
+        end = datetime.fromisoformat(r["finished_at"].replace("Z", "+00:00")).timestamp()
+        starts.append(end - seconds)
+        ends.append(end)
     total = sum(sum(v) for v in per_method.values())
-    return {"runs": len(records), "jobs": len(jobs), "seconds": total, "per_method": per_method}
+    return {"runs": len(records), "jobs": len(jobs), "seconds": total, "span": max(ends) - min(starts),
+            "threads": sorted({r.get("threads") for r in records if r.get("threads")}),
+            "per_method": per_method}
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,9 +598,11 @@ def render(results: dict[str, Any]) -> str:
         lines += render_eval(results["eval"])
     grid = results.get("grid")
     if grid:
+        threads = "/".join(str(t) for t in grid.get("threads", [])) or "?"
         lines += [f"**Default grid** (`python -m eval.grid -m`): {grid['runs']} of its {grid['jobs']} runs "
-                  f"recorded, {grid['seconds'] / 60:.1f} min of run wall time in all (records' "
-                  "`wall_seconds`, one run after another in one process); per preset, mean s per run:", "",
+                  f"recorded; {grid['span'] / 60:.1f} min from the first run's start to the last run's end, "
+                  f"{grid['seconds'] / 60:.1f} min of run time in all (records' training + evaluation "
+                  f"seconds; {threads} thread(s) per run); per preset, mean s per run:", "",
                   "| method/preset | runs | s per run |", "|---|---|---|"]
         for key, values in sorted(grid["per_method"].items()):
             lines.append(f"| {key} | {len(values)} | {sum(values) / len(values):.0f} |")
@@ -696,7 +710,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     out += eval_targets(results.get("eval") or {})
     grid = results.get("grid")
     if grid:
-        minutes = grid["seconds"] / 60
+        minutes = grid["span"] / 60
         out.append((f"default grid ({grid['runs']} runs) ≤ {GRID_TARGET_MINUTES} min",
                     f"{minutes:.1f} min", minutes <= GRID_TARGET_MINUTES))
     return out

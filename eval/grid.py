@@ -41,11 +41,15 @@ import methods  # noqa: F401  (registers every method's defaults node before hyd
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
-# configs/hydra/launcher/submitit_*.yaml set our defaults over the plugin's configs of the same
-# name, which hydra 1.3 merges onto the plugin's schema (what we want) with a deprecation notice.
+# configs/hydra/launcher/{submitit_*,joblib}.yaml set our defaults over the plugin's configs of
+# the same name, which hydra 1.3 merges onto the plugin's schema (what we want) with a deprecation
+# notice.
 warnings.filterwarnings(
-    "ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema"
+    "ignore",
+    message=r"\s*'hydra/launcher/(submitit_\w+|joblib)' is validated against ConfigStore schema",
 )
+# Launchers whose jobs print to this process's terminal: the smoke summary does not repeat them.
+_SAME_TERMINAL_LAUNCHERS = ("basic", "joblib")
 
 
 class GridError(ValueError):
@@ -330,8 +334,9 @@ def _smoke_one(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def smoke_summary(n_jobs: int, sweep_dir: Path | None) -> int:
-    """Print the jobs' lines (those run elsewhere: submitit) and a total; the exit status."""
+def smoke_summary(n_jobs: int, sweep_dir: Path | None, echo: bool = True) -> int:
+    """Print the jobs' lines (with ``echo``: jobs whose output went elsewhere, submitit's) and a
+    total; the exit status."""
     if sweep_dir is not None and len(_smoke_here) < n_jobs:
         results = []
         for path in sorted(sweep_dir.glob(f"*/{SMOKE_FILE}"), key=lambda p: int(p.parent.name)
@@ -340,7 +345,7 @@ def smoke_summary(n_jobs: int, sweep_dir: Path | None) -> int:
                 results.append(json.loads(path.read_text()))
             except (OSError, ValueError):
                 continue
-        for result in results:
+        for result in results if echo else ():
             print(smoke_line(result.get("job", ""), result))
     else:
         results = list(_smoke_here)
@@ -352,6 +357,13 @@ def smoke_summary(n_jobs: int, sweep_dir: Path | None) -> int:
         summary += f", {missing} without a result{where}"
     print(summary, flush=True)
     return 1 if errors or missing > 0 else 0
+
+
+def _launcher(overrides: list[str]) -> str:
+    """The hydra/launcher chosen on the command line (``basic`` when none is)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~")
+              == "hydra/launcher" and "=" in o]
+    return chosen[-1] if chosen else "basic"
 
 
 def _sweep_dir(overrides: list[str]) -> str:
@@ -418,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = [sys.argv[0], *argv]
         _hydra_main()
         if smoke:
-            sys.exit(smoke_summary(len(jobs), sweep_dir))
+            echo = _launcher(_user_overrides(argv)) not in _SAME_TERMINAL_LAUNCHERS
+            sys.exit(smoke_summary(len(jobs), sweep_dir, echo=echo))
     except GridError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)

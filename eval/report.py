@@ -120,7 +120,7 @@ LEGEND = (
     f"{MARK_BOOTSTRAP} n = 1: 95% percentile {BOOTSTRAP_LABEL} (test-set sampling only, not "
     f"training variance). {MARK_CLIPPED} the 95% interval left [0, 100] and is clipped to it. "
     "`λ-edge r/n`: in r of the n runs the linear probe picked a λ at an end of its grid; "
-    "`not converged r/n`: in r of the n runs L-BFGS stopped at its iteration limit "
+    "`not converged r/n`: in r of the n runs the probe's solver stopped at its iteration limit "
     f"(both explained under the table). {MARK_SIGNIFICANT} Holm-adjusted p < {ALPHA} within the "
     "table (the table's comparisons are the family)."
 )
@@ -926,7 +926,8 @@ def paper_match(paper_row: dict[str, Any], cells: pd.DataFrame, aliases: dict[st
     A cell is comparable only when it is of the same dataset, backbone and epochs, runs the
     method's default preset unchanged (a paper row that names a variant in parentheses has none),
     and its metric has the same settings: k-NN with the same k (the k actually used) and T; a
-    linear probe of the same protocol (ours: L-BFGS logistic regression, λ on a train hold-out).
+    linear probe of the same protocol (ours: L2-regularised logistic regression fitted to
+    convergence, λ on a train hold-out; a paper's L-BFGS logistic regression is that estimator).
     """
     parsed = _PAPER_NAME.match(str(paper_row["method"]))
     base = parsed.group("base").lower() if parsed else str(paper_row["method"]).lower()
@@ -976,7 +977,7 @@ def paper_match(paper_row: dict[str, Any], cells: pd.DataFrame, aliases: dict[st
     if paper_row["metric"] == "linear_top1":
         if "l-bfgs" in lowered:
             return "linear_top1", candidates.iloc[0], ""
-        return None, None, "the paper's linear protocol is not our L-BFGS probe"
+        return None, None, "the paper's linear protocol is not our logistic-regression probe"
     return None, None, f"metric {paper_row['metric']} is not reported here"
 
 
@@ -1021,7 +1022,7 @@ def _our_protocol(metric: str, cell: pd.Series) -> str:
     if k is not None:
         temperatures = {knn_temperature(r, k) for r in cell["runs"]}
         return f"k-NN k={k} T={'/'.join(f'{t:g}' for t in sorted(t for t in temperatures if t))}"
-    return "L-BFGS probe, λ on train hold-out"
+    return "logistic-regression probe, λ on train hold-out"
 
 
 def paper_counts(cells: pd.DataFrame, paper_csv: Path = PAPER_CSV) -> dict[str, int]:
@@ -1629,7 +1630,7 @@ def _flag_notes(table: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
             its = "; ".join(f"seed {s}" + (f": {_iterations_text(it)}" if it is not None else "")
                             for s, it in r["unconverged"])
             notes.append(
-                f"- {name}: L-BFGS did not reach its gradient tolerance within its iteration "
+                f"- {name}: the probe's solver did not reach its gradient tolerance within its iteration "
                 f"limit ({its}); the probe's accuracy is that of an unfinished fit."
             )
     return (["Flags:", "", *notes, ""] if notes else [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import yaml
 from scipy import stats
 
+from engine.config import resolve_run_config
+from eval.records import run_hash
 from methods import get_method_class, list_methods
 from tests.conftest import REPO, compose_config, run_cli
 
@@ -141,3 +144,25 @@ def test_every_method_trains_one_epoch_on_digits_through_the_cli(tmp_path, name)
     assert all(math.isfinite(v) and 0 <= v <= 100 for v in scores.values())
     assert all(math.isfinite(v) for v in record["metrics"].values() if isinstance(v, float))
     assert all(math.isfinite(h["loss"]) for h in record["history"])
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_a_grid_side_by_side_one_thread_each(tmp_path):
+    """hydra/launcher=joblib: every run of the grid finishes, in its own process with
+    cores/n_jobs threads (recorded), and is the same run (same hash) as under the default
+    launcher."""
+    grid = run_cli(
+        ["eval.grid", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=simclr",
+         "seed=0,1", f"results_dir={tmp_path}", *FAST],
+        timeout=900,
+    )
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    assert "is validated against ConfigStore schema" not in grid.stderr
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").rglob("record.json"))]
+    assert sorted(r["seed"] for r in records) == [0, 1]
+    assert all(r["status"] == "finished" for r in records)
+    assert {r["threads"] for r in records} == {max(1, (os.cpu_count() or 1) // 2)}
+    hashes = {r["seed"]: r["config_hash"] for r in records}
+    for seed, got in hashes.items():
+        resolved = resolve_run_config(compose_config([f"seed={seed}", "method=simclr", *FAST]))
+        assert run_hash(resolved) == got

@@ -373,7 +373,7 @@ def test_paper_join_needs_epochs_variant_and_metric_settings(tmp_path):
     assert "T = 0.1" in by_value[61.0]["why"] and "0.07" in by_value[61.0]["why"]
     assert "variant (MLP head)" in paper[paper["paper method"] == "moco (MLP head)"].iloc[0]["why"]
     assert "maximum over epochs" in by_value[63.0]["why"]
-    assert "not our L-BFGS probe" in by_value[70.0]["why"]
+    assert "not our logistic-regression probe" in by_value[70.0]["why"]
     resnet50 = paper[paper["backbone"] == "resnet50"].iloc[0]
     assert "not run with resnet50" in resnet50["why"]
     no_epochs = paper[paper["paper epochs"].isna()].iloc[0]
