@@ -201,3 +201,22 @@ def test_smoke_of_the_default_grid(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     with capsys.disabled():
         print(f"\n[smoke] default grid, {len(jobs)} configs: {wall:.0f} s wall")
+
+
+def test_smoke_summary_repeats_job_lines_only_for_launchers_that_print_elsewhere(tmp_path, capsys,
+                                                                                 monkeypatch):
+    import json
+
+    assert grid._launcher(["method=simclr", "hydra/launcher=joblib"]) == "joblib"
+    assert grid._launcher(["method=simclr"]) == "basic"
+    assert grid._launcher(["hydra/launcher=submitit_slurm"]) == "submitit_slurm"
+    result = {"status": "ok", "job": "seed=0", "step_ms": 12.0, "peak_mb": 100.0, "device": "cpu",
+              "precision": "fp32", "compile": False}
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / grid.SMOKE_FILE).write_text(json.dumps(result))
+    monkeypatch.setattr(grid, "_smoke_here", [])
+    assert grid.smoke_summary(1, tmp_path, echo=False) == 0
+    assert capsys.readouterr().out.splitlines() == ["[smoke] 1 config(s): 1 ok, 0 error"]
+    assert grid.smoke_summary(1, tmp_path, echo=True) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[smoke] ok    seed=0: 12 ms/step") and len(out) == 2
