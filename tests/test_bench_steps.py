@@ -3,6 +3,7 @@ rows, targets and README table it produces (fast checks; the timings themselves 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eval import bench
@@ -19,9 +20,36 @@ def test_step_flops_counts_forward_and_backward_matmuls():
     assert bench.step_flops(step) == 3 * 2 * 5 * 8 * 4
 
 
-def test_sgemm_rate_is_flops_over_time(monkeypatch):
-    monkeypatch.setattr(bench, "timeit", lambda fn, repeats, warmup=1: 0.5)
+def test_sgemm_rate_is_flops_over_the_fastest_product(monkeypatch):
+    monkeypatch.setattr(bench, "timeit", lambda fn, repeats, warmup=1, best=False: 0.5 if best else 1.0)
     assert bench.sgemm_gflops(size=100) == 2 * 100**3 / 0.5 / 1e9
+
+
+def test_step_time_is_the_fastest_round_against_the_higher_of_two_sgemm_rates(monkeypatch):
+    import methods
+
+    now = [0.0]
+    durations = {"simclr": iter([0.0, 0.3, 0.1, 0.2]), "nnclr": iter([0.0, 0.6, 0.5, 0.4])}
+
+    def make(name):
+        def step() -> None:
+            now[0] += next(durations[name])
+        return step
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(methods, "list_methods", lambda trains: ["simclr", "nnclr"])
+    monkeypatch.setattr(bench, "method_step", lambda name, scale: make(name))
+    monkeypatch.setattr(bench, "step_flops", lambda step: step() or 10**9)  # the warm-up step
+    rates = iter([100.0, 150.0])
+    monkeypatch.setattr(bench, "sgemm_gflops", lambda: next(rates))
+    monkeypatch.setitem(bench.STEP_SCALES["digits"], "repeats", (3, 1))
+    rows = {r["method"]: r for r in bench.bench_train_steps(quick=False)}
+    assert rows["simclr"]["seconds"] == pytest.approx(0.1)
+    assert rows["nnclr"]["seconds"] == pytest.approx(0.4)
+    assert rows["nnclr"]["ratio"] == pytest.approx(4.0)
+    assert rows["nnclr"]["gflops"] == pytest.approx(1.0 / 0.4)
+    assert rows["nnclr"]["sgemm_gflops"] == 150.0
+    assert rows["simclr"]["sgemm_fraction"] == pytest.approx(10.0 / 150.0)
 
 
 def test_method_step_runs_the_optimiser_and_resolves_each_scale():
