@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -481,7 +482,7 @@ def _faults_per_step(configure: bool) -> tuple[str, float]:
     return out[0], float(out[1])
 
 
-@pytest.mark.skipif(not (os.uname().sysname == "Linux" and os.confstr("CS_GNU_LIBC_VERSION")),
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc's mallopt")
 def test_host_allocator_keeps_step_memory_instead_of_page_faulting_it_in_again():
     took, configured = _faults_per_step(True)
