@@ -462,12 +462,14 @@ net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNo
 x = torch.randn(256, 1, 16, 16)
 def step():
     net(x).sum().backward()
-for _ in range(2):
+for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(took, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, sorted(faults)[4])
 """
 
 
@@ -487,7 +489,8 @@ def _faults_per_step(configure: bool) -> tuple[str, float]:
 def test_host_allocator_keeps_step_memory_instead_of_page_faulting_it_in_again():
     took, configured = _faults_per_step(True)
     _, default = _faults_per_step(False)
-    # each step's 8 MiB activations: ~1,000 pages per activation come back from the kernel by default
+    # median page faults per step: each step's 8 MiB activations come back from the kernel anew by
+    # default (~1,000 pages each), while the configured heap keeps them
     assert took == "True"
     assert default > 2000 and configured < 0.25 * default, (default, configured)
 
