@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from backbones import build_backbone
 from datasets.views import view_config
 from engine.config import ConfigError, resolve_run_config
 from engine.data import TrainBatches
+from engine.distributed import configure_host_allocator
 from engine.train import (
     TrainingError,
     accumulate_gradients,
@@ -474,9 +477,6 @@ print(took, sorted(faults)[4])
 
 
 def _faults_per_step(configure: bool) -> tuple[str, float]:
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, "1" if configure else "0"],
                          capture_output=True, text=True, check=True, env=env,
@@ -496,8 +496,6 @@ def test_host_allocator_keeps_step_memory_instead_of_page_faulting_it_in_again()
 
 
 def test_host_allocator_leaves_a_users_malloc_settings_alone(monkeypatch):
-    from engine.distributed import configure_host_allocator
-
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert configure_host_allocator() is False
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
