@@ -220,3 +220,58 @@ def test_smoke_summary_repeats_job_lines_only_for_launchers_that_print_elsewhere
     assert grid.smoke_summary(1, tmp_path, echo=True) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("[smoke] ok    seed=0: 12 ms/step") and len(out) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# job order under the joblib launcher: the longest runs first
+# --------------------------------------------------------------------------------------------
+def test_preflight_sizes_each_job_by_its_methods_parameters(tmp_path):
+    jobs = [[f"method={m}", "seed=0"] for m in ("pixels", "simclr", "all4one", "nnclr")]
+    sizes: dict[str, int] = {}
+    configs = _configs(jobs, tmp_path)
+    assert preflight(configs, sizes=sizes) == []
+    size = {label.split("method=")[1].split()[0]: n for label, n in sizes.items()}
+    assert set(size) == {"pixels", "simclr", "all4one", "nnclr"}
+    assert size["pixels"] == 0  # a reference row trains nothing
+    # digits' test_resnet (0.37 M) with SimCLR's 2048-wide projector; NNCLR's adds a 4096-wide
+    # predictor; All4One's two predictors, transformer and momentum copy
+    assert 1.0e6 < size["simclr"] < 1.2e6
+    assert 7.0e6 < size["nnclr"] < 8.0e6
+    assert 1.5e7 < size["all4one"] < 1.7e7
+
+
+def test_longest_first_orders_the_method_sweep_and_nothing_else():
+    jobs = [[f"seed={s}", f"method={m}"] for s in (0, 1) for m in ("pixels", "simclr", "all4one",
+                                                                   "moco")]
+    sizes = {f"seed={s} method={m}": n for s in (0, 1)
+             for m, n in (("pixels", 0), ("simclr", 1_095_600), ("all4one", 16_402_016),
+                          ("moco", 1_095_600))}
+    argv = ["-m", "hydra/launcher=joblib", "method=pixels,simclr,all4one,moco", "seed=0,1",
+            "trainer.epochs=1"]
+    assert grid.longest_first(argv, jobs, sizes) == [
+        "-m", "hydra/launcher=joblib", "method=all4one,simclr,moco,pixels", "seed=0,1",
+        "trainer.epochs=1",  # equal sizes (simclr, moco) keep their order
+    ]
+    assert grid.longest_first(["-m", "method=simclr", "seed=0,1"], jobs, sizes) == [
+        "-m", "method=simclr", "seed=0,1"]  # no method sweep: unchanged
+    assert grid.longest_first(["-m", "+method=simclr,all4one"], jobs, sizes) == [
+        "-m", "+method=all4one,simclr"]
+
+
+# eval.grid silences hydra's notice that our joblib.yaml is merged onto the plugin's schema;
+# pytest resets warning filters for each test, so the test says it again.
+@pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/joblib' is validated")
+@pytest.mark.parametrize("launcher, expected", [("joblib", "method=all4one,nnclr,simclr"),
+                                                ("basic", "method=simclr,nnclr,all4one")])
+def test_the_joblib_launcher_gets_the_largest_methods_first(tmp_path, monkeypatch, launcher,
+                                                            expected):
+    import sys
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(grid, "_hydra_main", lambda: launched.append(list(sys.argv[1:])))
+    monkeypatch.setattr(sys, "argv", ["grid"])
+    grid.main(["-m", f"hydra/launcher={launcher}", "method=simclr,nnclr,all4one", "seed=0,1",
+               f"results_dir={tmp_path}"])
+    assert len(launched) == 1
+    assert [a for a in launched[0] if a.startswith("method=")] == [expected]
+    assert not (tmp_path / "runs").exists()
