@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from engine.config import resolve_run_config
 from engine.train import run_dir_for
-from eval.bench import grid_wall_time, render
+from eval.bench import build_method_step, grid_compute_floor, grid_wall_time, render, step_flops
 from eval.grid import expand_sweep
 from tests.conftest import compose_config
 
 
-def _write(tmp_path, job, finished_at, train, evaluation, threads):
+def _write(tmp_path, job, finished_at, train, evaluation, threads, **fields):
     config = resolve_run_config(compose_config(job))
     config["results_dir"] = str(tmp_path)
     path = run_dir_for(config) / "record.json"
     path.parent.mkdir(parents=True)
     record = {"status": "finished", "method": config["method"]["name"],
               "preset": config["method"].get("preset") or "default", "train_seconds": train,
-              "eval_seconds": evaluation, "finished_at": finished_at, "threads": threads}
+              "eval_seconds": evaluation, "finished_at": finished_at, "threads": threads, **fields}
     path.write_text(json.dumps(record))
 
 
@@ -42,3 +44,31 @@ def test_side_by_side_runs_count_once_in_the_span_and_fully_in_the_sum(tmp_path)
 
 def test_no_records_no_grid(tmp_path):
     assert grid_wall_time(tmp_path / "runs") is None
+
+
+def test_the_compute_floor_is_the_recorded_steps_times_each_presets_step_flops(tmp_path):
+    jobs, _ = expand_sweep([])
+    by_choice = {dict(o.split("=", 1) for o in job)["method"]: job for job in jobs
+                 if "seed=0" in job}
+    _write(tmp_path, by_choice["simclr"], "2026-01-01T10:01:00Z", 50.0, 1.0, 1, steps=150)
+    _write(tmp_path, by_choice["simclr_groco_baseline"], "2026-01-01T10:02:00Z", 50.0, 1.0, 1,
+           steps=150)
+    _write(tmp_path, by_choice["pixels"], "2026-01-01T10:02:01Z", 0.0, 1.0, 1, steps=0,
+           reference=True)
+    grid = grid_wall_time(tmp_path / "runs")
+    assert grid["steps"] == {"simclr": 150, "simclr_groco_baseline": 150}  # no reference row
+    floor = grid_compute_floor(grid["steps"], rate=100.0)
+    solo = step_flops(build_method_step("simclr", "digits", "simclr")[1])
+    baseline = step_flops(build_method_step("simclr", "digits", "simclr_groco_baseline")[1])
+    assert 13e9 < solo < 17e9 and baseline != solo  # GroCo's baseline has its own projector
+    assert floor["flop"] == 150 * (solo + baseline)
+    assert floor["seconds"] == 150 * (solo + baseline) / 100e9
+    text = render({"machine": "test", "grid": {**grid, "floor": floor}})
+    assert f"the span is {grid['span'] / floor['seconds']:.2f}× that" in text
+    assert f"{grid['span'] / 60:.1f} min ({grid['span'] / floor['seconds']:.2f}× its compute floor)" \
+        in text
+
+
+def test_a_preset_of_another_method_is_refused():
+    with pytest.raises(ValueError, match="preset 'moco' is method 'moco', not 'simclr'"):
+        build_method_step("simclr", "digits", "moco")

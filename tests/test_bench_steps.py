@@ -98,3 +98,40 @@ def test_render_shows_time_ratio_flops_and_fraction_of_sgemm():
     assert "load average 0.5 before, 1.5 after" in text
     assert "| cld | 12000 | 1.20 | 10.0 | 1 | 1% |" in text
     assert "| simclr | 10000 | 1.00 | 10.0 | 1 | 1% |" in text
+
+
+def test_knn_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
+    import eval.knn
+
+    now = [0.0]
+    # the warm-up call of each, then 2 rounds: bare, k = 20, k = 200 in turn
+    durations = iter([9.0, 9.0, 9.0, 2.0, 5.0, 2.5, 1.0, 1.2, 3.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    def tick(*args, **kwargs) -> None:
+        now[0] += next(durations)
+
+    monkeypatch.setattr(bench, "_bare_knn_matmul", tick)
+    monkeypatch.setattr(eval.knn, "knn_evaluate", tick)
+    monkeypatch.setattr(bench, "KNN_ROUNDS", 2)
+    monkeypatch.setattr(bench, "KNN_SIZE", (64, 16, 8))
+    rows = {r["k"]: r for r in bench.bench_knn(quick=False)}
+    assert rows[20]["bare_seconds"] == 1.0 and rows[20]["rounds"] == 2
+    assert rows[20]["seconds"] == pytest.approx(1.2) and rows[20]["ratio"] == pytest.approx(1.2)
+    assert rows[200]["seconds"] == pytest.approx(2.5) and rows[200]["ratio"] == pytest.approx(2.5)
+
+
+def test_fastest_of_rounds_warms_up_then_interleaves(monkeypatch):
+    now, calls = [0.0], []
+    durations = {"a": iter([9.0, 3.0, 1.0]), "b": iter([9.0, 2.0, 4.0])}
+
+    def make(key):
+        def fn() -> None:
+            calls.append(key)
+            now[0] += next(durations[key])
+        return fn
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    best = bench.fastest_of_rounds({"a": make("a"), "b": make("b")}, rounds=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then round after round
+    assert best == {"a": 1.0, "b": 2.0}
