@@ -557,7 +557,7 @@ def grid_wall_time(runs_dir: Path) -> dict[str, Any] | None:
 
     from engine.config import resolve_run_config
     from engine.train import run_dir_for
-    from eval.grid import CONFIG_DIR, expand_sweep
+    from eval.grid import CONFIG_DIR, expand_sweep, method_choice
 
     jobs, _ = expand_sweep([])
     records = []
@@ -571,8 +571,8 @@ def grid_wall_time(runs_dir: Path) -> dict[str, Any] | None:
                 record = json.loads(path.read_text())
                 if record.get("status") == "finished":
                     records.append(record)
-                    if record.get("steps") and not record.get("reference"):
-                        choice = dict(o.split("=", 1) for o in job)["method"]
+                    choice = method_choice(job)
+                    if record.get("steps") and not record.get("reference") and choice:
                         steps[choice] = steps.get(choice, 0) + int(record["steps"])
     if not records:
         return None
@@ -597,9 +597,9 @@ def grid_compute_floor(steps: dict[str, int], rate: float) -> dict[str, Any]:
     """The grid's compute floor: the FLOPs of its recorded training steps (``steps`` per
     ``method=`` choice, from ``grid_wall_time``, times one digits step of that preset as
     ``step_flops`` counts it) at ``rate`` GFLOP/s, this machine's peak sgemm rate on the
-    current thread count (the bench's: both cores of a 2-core machine). Elementwise work (batch norm, activations, augmentation, optimiser) is not counted, so
-    no run can reach it; the grid's span over it says how far the runs are from the matmul
-    peak."""
+    current thread count (the bench's: both cores of a 2-core machine). Elementwise work (batch
+    norm, activations, augmentation, optimiser) is not counted, so no run can reach it; the
+    grid's span over it says how far the runs are from the matmul peak."""
     from hydra import compose, initialize_config_dir
 
     from eval.grid import CONFIG_DIR

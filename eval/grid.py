@@ -287,7 +287,8 @@ def check_grid(
     return configs
 
 
-def _method_value(job: list[str]) -> str | None:
+def method_choice(job: list[str]) -> str | None:
+    """The ``method=`` choice of one job's overrides (the last one wins, as in hydra), or None."""
     values = [o.split("=", 1)[1] for o in job if o.split("=", 1)[0].lstrip("+~") == "method"]
     return values[-1] if values else None
 
@@ -305,7 +306,7 @@ def longest_first(argv: list[str], jobs: list[list[str]], sizes: dict[str, int])
 
     cost: dict[str, int] = {}
     for job in jobs:
-        value = _method_value(job)
+        value = method_choice(job)
         if value is not None:
             cost[value] = max(cost.get(value, 0), sizes.get(_label(job), 0))
     parser = OverridesParser.create()

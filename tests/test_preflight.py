@@ -240,6 +240,11 @@ def test_preflight_sizes_each_job_by_its_methods_parameters(tmp_path):
     assert 1.5e7 < size["all4one"] < 1.7e7
 
 
+def test_method_choice_is_the_last_method_override_of_a_job():
+    assert grid.method_choice(["seed=0", "method=moco", "+method=moco_cld_base"]) == "moco_cld_base"
+    assert grid.method_choice(["seed=0", "method.temperature=0.2"]) is None
+
+
 def test_longest_first_orders_the_method_sweep_and_nothing_else():
     jobs = [[f"seed={s}", f"method={m}"] for s in (0, 1) for m in ("pixels", "simclr", "all4one",
                                                                    "moco")]
