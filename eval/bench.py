@@ -42,9 +42,9 @@ START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 COMMAND = "python -m eval.bench --write-readme"
 
 
-def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1, best: bool = False) -> float:
-    """Median (``best``: shortest) wall seconds of ``fn`` over ``repeats`` calls after ``warmup``
-    calls."""
+def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls (the shortest:
+    ``fastest_of_rounds``)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -52,7 +52,7 @@ def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1, best: bool = Fa
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times) if best else statistics.median(times)
+    return statistics.median(times)
 
 
 def fastest_of_rounds(
@@ -258,7 +258,8 @@ def sgemm_gflops(size: int = SGEMM_SIZE, repeats: int = SGEMM_REPEATS) -> float:
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator)
     b = torch.randn(size, size, generator=generator)
-    return 2 * size**3 / timeit(lambda: torch.mm(a, b), repeats, SGEMM_WARMUP, best=True) / 1e9
+    fastest = fastest_of_rounds({"mm": lambda: torch.mm(a, b)}, repeats, SGEMM_WARMUP)["mm"]
+    return 2 * size**3 / fastest / 1e9
 
 
 def method_step(name: str, scale: str = "digits") -> Callable[[], None]:
