@@ -114,13 +114,15 @@ def sample_crop_boxes(
     return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback)
 
 
-def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+def resized_crop(
+    images: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
+) -> Tensor:
     """Crop each image to its box (top, left, h, w) and resize it to (size, size), bilinearly.
 
-    One ``affine_grid`` + ``grid_sample`` call serves the whole batch. The sampling points are
-    those of torchvision's ``resized_crop(img, top, left, h, w, [size, size], antialias=False)``:
-    output pixel ``o`` reads crop coordinate ``(o + 0.5) * h / size - 0.5`` (half-pixel centres),
-    clamped to the crop, so no pixel outside the box leaks in at its edges.
+    One ``grid_sample`` call serves the whole batch. The sampling points are those of
+    torchvision's ``resized_crop(img, top, left, h, w, [size, size], antialias=False)``: output
+    pixel ``o`` reads crop coordinate ``(o + 0.5) * h / size - 0.5`` (half-pixel centres), clamped
+    to the crop, so no pixel outside the box leaks in at its edges.
 
     When a crop side is larger than the output (downsampling), torchvision's default
     ``antialias=True`` low-pass filters along that side first and therefore differs from this
@@ -128,6 +130,9 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     (upsampling or equal size). That covers every full-size view of the in-memory datasets, which
     crop to their own resolution; multi-crop local views can be downsampled (digits' 8 px local
     crops come from boxes up to 13 px; STL-10's 40 px ones from up to 41 px).
+
+    ``flip`` (B,) mirrors the samples where it is True left-right, bit for bit as ``hflip`` of the
+    output would, by reading their columns in reverse order.
     """
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(
@@ -137,30 +142,24 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     if boxes.shape != (n, 4):
         raise ValueError(f"boxes must have shape ({n}, 4), got {tuple(boxes.shape)}")
     top, left, h, w = boxes.to(device=images.device, dtype=images.dtype).unbind(dim=1)
+    # The crop has no rotation, so the sampling grid is one row of x and one column of y per
+    # sample; building them per axis avoids a full (B, size, size) affine grid and its clamps.
+    centres = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size
 
-    # affine_grid maps normalised output coordinates (align_corners=False) to normalised input
-    # coordinates; this theta turns pixel o into input pixel left + (o + 0.5) * w / size - 0.5.
-    zero = torch.zeros_like(top)
-    theta = torch.stack(
-        (
-            torch.stack((w / width, zero, (2 * left + w) / width - 1), dim=1),
-            torch.stack((zero, h / height, (2 * top + h) / height - 1), dim=1),
-        ),
-        dim=1,
-    )
-    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
-    # torchvision's interpolate clamps source indices to the cropped tensor; clamping the grid
-    # to the centres of the box's first and last pixels reproduces that.
-    x_lo = ((2 * left + 1) / width - 1).view(n, 1, 1)
-    x_hi = ((2 * (left + w) - 1) / width - 1).view(n, 1, 1)
-    y_lo = ((2 * top + 1) / height - 1).view(n, 1, 1)
-    y_hi = ((2 * (top + h) - 1) / height - 1).view(n, 1, 1)
+    def axis(start: Tensor, extent: Tensor, full: int) -> Tensor:
+        # In pixel-edge units (pixel i spans [i, i + 1]), clamped to the centres of the box's
+        # first and last pixels as torchvision's interpolate clamps to the cropped tensor; then
+        # grid_sample's normalised units for align_corners=False.
+        at = start.unsqueeze(1) + centres * extent.unsqueeze(1)
+        at = torch.minimum(torch.maximum(at, (start + 0.5).unsqueeze(1)),
+                           (start + extent - 0.5).unsqueeze(1))
+        return at * (2.0 / full) - 1.0
+
+    xs, ys = axis(left, w, width), axis(top, h, height)  # (B, size) each
+    if flip is not None:
+        xs = torch.where(flip.view(-1, 1), xs.flip(-1), xs)
     grid = torch.stack(
-        (
-            torch.minimum(torch.maximum(grid[..., 0], x_lo), x_hi),
-            torch.minimum(torch.maximum(grid[..., 1], y_lo), y_hi),
-        ),
-        dim=-1,
+        (xs.unsqueeze(1).expand(n, size, size), ys.unsqueeze(2).expand(n, size, size)), dim=-1
     )
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -222,55 +221,40 @@ def adjust_saturation(images: Tensor, factor: Tensor | float) -> Tensor:
     return _blend(images, _gray(images), _per_sample(factor, images))
 
 
-def _rgb_to_hsv(images: Tensor) -> Tensor:
-    # torchvision's _rgb2hsv (after Pillow), vectorised over the batch as it already is.
-    r, g, b = images.unbind(dim=-3)
-    maxc = images.amax(dim=-3)
-    minc = images.amin(dim=-3)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc = (maxc - r) / cr_divisor
-    gc = (maxc - g) / cr_divisor
-    bc = (maxc - b) / cr_divisor
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    is_b = ~is_r & ~is_g
-    h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
-    h = torch.fmod(h / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-# For each hue sextant i, which of (v, p, q, t) feeds r, g and b (torchvision's _hsv_to_rgb).
-_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
-
-
-def _hsv_to_rgb(images: Tensor) -> Tensor:
-    h, s, v = images.unbind(dim=-3)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.to(torch.int64).remainder_(6)
-    p = (v * (1.0 - s)).clamp_(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp_(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor(_HSV_SELECT, dtype=torch.int64, device=images.device)
-    index = select[:, i].movedim(0, -3)  # (B, 3, H, W)
-    return vpqt.gather(-3, index)
-
-
 def adjust_hue(images: Tensor, factor: Tensor | float) -> Tensor:
-    """``F.adjust_hue`` per sample: rotate the HSV hue by ``factor`` turns; identity on 1 channel."""
+    """``F.adjust_hue`` per sample: rotate the HSV hue by ``factor`` turns; identity on 1 channel.
+
+    torchvision converts to HSV, shifts h and converts back. Saturation and value do not change,
+    so the round trip reduces to, with ``M = max(r, g, b)``, ``C = M - min(r, g, b)`` and the
+    shifted hue ``H`` in sextants [0, 6):
+
+        out_n = M - C · clamp(min(k_n, 4 - k_n), 0, 1),   k_n = (H + n) mod 6,   n = 5, 3, 1 for r, g, b
+
+    (the closed form of HSV -> RGB). It equals torchvision's result up to float rounding and
+    takes half the element-wise passes.
+    """
     if images.shape[-3] == 1:
         return images
-    h, s, v = _rgb_to_hsv(images).unbind(dim=-3)
+    r, g, b = images.unbind(dim=-3)
+    maxc = images.amax(dim=-3)
+    chroma = maxc - images.amin(dim=-3)
+    # Grey pixels have no hue; any value works there because chroma is 0.
+    inv_chroma = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    # Hue in sextants, in (-1, 5]: Pillow's rule for which channel is the maximum.
+    sextant = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g)).mul_(inv_chroma)
+    sextant += torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
     shift = _per_sample(factor, images)
     shift = shift.squeeze(-1) if shift.ndim else shift  # (B, 1, 1) against (B, H, W)
-    h = (h + shift).remainder_(1.0)
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    sextant = sextant.add_(6.0 * shift).unsqueeze(-3)
+    k = (sextant + _HUE_OFFSETS.to(images)).remainder_(6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp
+
+
+# k_n's offsets for r, g and b in adjust_hue's closed form.
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 
 
 def _apply_masked(
@@ -279,12 +263,14 @@ def _apply_masked(
     fn: Callable[..., Tensor],
     *args: Tensor,
     dense: bool | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """``fn(images, *args)`` on the samples where ``mask`` is True, the rest unchanged.
 
     On CPU only the selected samples are computed. Elsewhere (``dense``) the op runs on the whole
     batch and is selected with ``where``: selecting a subset needs the mask's count on the host,
-    which would stall an asynchronous device at every call.
+    which would stall an asynchronous device at every call. ``inplace`` says the caller owns
+    ``images``: the CPU path then writes the selected samples back into it instead of a copy.
     """
     if dense is None:
         dense = images.device.type != "cpu"
@@ -294,7 +280,7 @@ def _apply_masked(
             return images
         if idx.numel() == len(images):
             return fn(images, *args)
-        out = images.clone()
+        out = images if inplace else images.clone()
         out[idx] = fn(images[idx], *(a[idx] for a in args))
         return out
     return torch.where(mask.view(-1, 1, 1, 1), fn(images, *args), images)
@@ -329,12 +315,13 @@ def color_jitter(
         )
         if factor is not None
     ]
-    out = images
+    # One copy up front; the masked ops then overwrite their samples of it in place.
+    out = images.clone()
     for step in range(4):
         # At each position of the order, every op runs on the samples that have it there.
-        op = order[:, step]
+        op = torch.where(apply, order[:, step], -1)
         for code, fn, factor in ops:
-            out = _apply_masked(out, apply & (op == code), fn, factor)
+            out = _apply_masked(out, op == code, fn, factor, inplace=True)
     return out
 
 

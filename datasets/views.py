@@ -178,10 +178,13 @@ def _augment_view(images: Tensor, cfg: ViewConfig, g: torch.Generator | None) ->
     boxes = sample_crop_boxes(
         height, width, n, cfg.crop_scale, cfg.crop_ratio, g, device=images.device
     )
-    x = resized_crop(images, boxes, cfg.size)
-
-    if cfg.flip_p > 0:
-        x = hflip(x, _bernoulli(n, cfg.flip_p, x, g))
+    flip = _bernoulli(n, cfg.flip_p, images, g) if cfg.flip_p > 0 else None
+    if cfg.crop_scale == cfg.crop_ratio == (1.0, 1.0) and height == width == cfg.size:
+        # The whole square image at its own size (the file-backed path crops before the device):
+        # the view is the image itself, where resampling would only add rounding.
+        x = hflip(images, flip) if flip is not None else images
+    else:
+        x = resized_crop(images, boxes, cfg.size, flip)
 
     jitter = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
     if cfg.jitter_p > 0 and any(jitter):
