@@ -238,8 +238,10 @@ STEP_BATCH = 256
 STEP_SCALES: dict[str, dict[str, Any]] = {
     "digits": {"dataset": "digits", "label": "digits: `test_resnet`, 16 px, 1 channel",
                "repeats": (5, 2)},
+    # 5 rounds: with 3, a busy stretch once covered all three of All4One's (1.46-1.83x SimCLR
+    # over three runs in one hour).
     "resnet18": {"dataset": "cifar10", "label": "ResNet-18, low-resolution stem, 32 px, 3 channels",
-                 "repeats": (3, 1)},
+                 "repeats": (5, 1)},
 }
 #: Step-time targets (× SimCLR) on digits, where the heads outweigh the 0.37 M-parameter backbone;
 #: at the ResNet-18 scale each method's own ``step_time_vs_simclr`` applies.
