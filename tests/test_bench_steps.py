@@ -135,3 +135,37 @@ def test_fastest_of_rounds_warms_up_then_interleaves(monkeypatch):
     best = bench.fastest_of_rounds({"a": make("a"), "b": make("b")}, rounds=2)
     assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then round after round
     assert best == {"a": 1.0, "b": 2.0}
+
+
+def test_loss_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
+    import methods.groco
+    import methods.simclr
+
+    now, calls = [0.0], []
+    # quick: NT-Xent, then GroCo (11 and 51) x (group_sum, columns, diffsort), in that order;
+    # per call: the warm-up, then 2 rounds.
+    durations = {
+        "nt_xent": iter([9.0, 2.0, 1.0]),
+        (11, "group_sum"): iter([9.0, 0.5, 0.2]), (11, "columns"): iter([9.0, 0.3, 0.4]),
+        (11, "diffsort"): iter([9.0, 0.6, 0.6]), (51, "group_sum"): iter([9.0, 0.4, 0.3]),
+        (51, "columns"): iter([9.0, 3.0, 2.0]), (51, "diffsort"): iter([9.0, 8.0, 6.0]),
+    }
+
+    def spend(key) -> torch.Tensor:
+        calls.append(key)
+        now[0] += next(durations[key])
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(methods.simclr, "nt_xent_loss", lambda views, t: spend("nt_xent"))
+    monkeypatch.setattr(methods.groco, "groco_loss",
+                        lambda views, topk_neg, backend: spend((topk_neg + 1, backend)))
+    rows = bench.bench_losses(quick=True)
+    assert calls[:7] == ["nt_xent", *list(durations)[1:]]  # warm-ups first, in table order
+    assert calls[7:14] == calls[14:] == calls[:7]  # then the same order in every round
+    by_key = {(r["n"], r["backend"]): r for r in rows}
+    assert by_key[("–", "–")]["seconds"] == 1.0 and by_key[("–", "–")]["rounds"] == 2
+    assert by_key[(11, "group_sum")]["ratio"] == pytest.approx(0.2)
+    assert by_key[(51, "diffsort")]["seconds"] == pytest.approx(6.0)
+    assert by_key[(51, "group_sum")]["ratio"] == pytest.approx(0.3)
+    assert "fastest of 2 interleaved rounds" in bench.render({"machine": "m", "losses": rows})
