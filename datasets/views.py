@@ -175,13 +175,14 @@ def _bernoulli(n: int, p: float, like: Tensor, g: torch.Generator | None) -> Ten
 def _augment_view(images: Tensor, cfg: ViewConfig, g: torch.Generator | None) -> Tensor:
     """One random view of float images in [0, 1], before normalisation."""
     n, c, height, width = images.shape
-    boxes = sample_crop_boxes(
+    # The whole square image at its own size (the file-backed path crops before the device): the
+    # view is the image itself, where drawing a box and resampling would only add rounding.
+    whole = cfg.crop_scale == cfg.crop_ratio == (1.0, 1.0) and height == width == cfg.size
+    boxes = None if whole else sample_crop_boxes(
         height, width, n, cfg.crop_scale, cfg.crop_ratio, g, device=images.device
     )
     flip = _bernoulli(n, cfg.flip_p, images, g) if cfg.flip_p > 0 else None
-    if cfg.crop_scale == cfg.crop_ratio == (1.0, 1.0) and height == width == cfg.size:
-        # The whole square image at its own size (the file-backed path crops before the device):
-        # the view is the image itself, where resampling would only add rounding.
+    if boxes is None:
         x = hflip(images, flip) if flip is not None else images
     else:
         x = resized_crop(images, boxes, cfg.size, flip)
