@@ -346,6 +346,16 @@ def build_method_step(
     return method, step
 
 
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (0 where ``getrusage`` is missing): memory the
+    kernel had to map, and zero, on first touch."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def step_flops(step: Callable[[], None]) -> int:
     """FLOPs of one call of ``step`` as torch's ``FlopCounterMode`` counts them (matmuls,
     convolutions and attention, forward and backward; elementwise work is not counted)."""
@@ -373,7 +383,17 @@ def bench_train_steps(quick: bool, scale: str = "digits") -> list[dict[str, Any]
     rate = sgemm_gflops()
     steps = {name: method_step(name, scale) for name in list_methods(trains=True)}
     flops = {name: step_flops(step) for name, step in steps.items()}  # also the warm-up step
-    best = fastest_of_rounds(steps, repeats, warmup=0)
+    faults: dict[str, list[int]] = {name: [] for name in steps}
+
+    def counting_faults(name: str, step: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            before = minor_page_faults()
+            step()
+            faults[name].append(minor_page_faults() - before)
+        return run
+
+    best = fastest_of_rounds({name: counting_faults(name, step) for name, step in steps.items()},
+                             repeats, warmup=0)
     rate = max(rate, sgemm_gflops())
     simclr = best["simclr"]
     rows = []
@@ -383,6 +403,7 @@ def bench_train_steps(quick: bool, scale: str = "digits") -> list[dict[str, Any]
         rows.append({"method": name, "scale": scale, "seconds": seconds,
                      "ratio": seconds / simclr, "gflop": gflops, "gflops": gflops / seconds,
                      "sgemm_gflops": rate, "sgemm_fraction": gflops / seconds / rate,
+                     "page_faults": statistics.median(faults[name]),
                      "repeats": repeats, "load": (load_before, os.getloadavg()[0])})
     return rows
 
@@ -678,11 +699,15 @@ def render(results: dict[str, Any]) -> str:
                   f"achieved rate as a fraction of the peak rate of a {SGEMM_SIZE}² float32 matmul "
                   f"measured in the same run ({rows[0]['sgemm_gflops']:.0f} GFLOP/s); 1-minute "
                   "load average "
-                  f"{rows[0]['load'][0]:.1f} before, {rows[0]['load'][1]:.1f} after:", "",
-                  "| method | ms | × SimCLR | GFLOP | GFLOP/s | of sgemm |", "|---|---|---|---|---|---|"]
+                  f"{rows[0]['load'][0]:.1f} before, {rows[0]['load'][1]:.1f} after; page "
+                  "faults: the median of the timed steps' minor page faults (memory the kernel "
+                  "maps and zeroes on first touch, README: Host memory):", "",
+                  "| method | ms | × SimCLR | GFLOP | GFLOP/s | of sgemm | page faults |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['method']} | {1000 * r['seconds']:.0f} | {r['ratio']:.2f} | "
-                         f"{r['gflop']:.1f} | {r['gflops']:.0f} | {r['sgemm_fraction']:.0%} |")
+                         f"{r['gflop']:.1f} | {r['gflops']:.0f} | {r['sgemm_fraction']:.0%} | "
+                         f"{r['page_faults']:,.0f} |")
         lines.append("")
     if results.get("eval"):
         lines += render_eval(results["eval"])

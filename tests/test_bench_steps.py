@@ -28,15 +28,18 @@ def test_sgemm_rate_is_flops_over_the_fastest_product(monkeypatch):
 def test_step_time_is_the_fastest_round_against_the_higher_of_two_sgemm_rates(monkeypatch):
     import methods
 
-    now = [0.0]
+    now, faulted = [0.0], [0]
     durations = {"simclr": iter([0.0, 0.3, 0.1, 0.2]), "nnclr": iter([0.0, 0.6, 0.5, 0.4])}
+    faults = {"simclr": iter([900, 5, 1, 3]), "nnclr": iter([900, 40, 70, 50])}
 
     def make(name):
         def step() -> None:
             now[0] += next(durations[name])
+            faulted[0] += next(faults[name])
         return step
 
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench, "minor_page_faults", lambda: faulted[0])
     monkeypatch.setattr(methods, "list_methods", lambda trains: ["simclr", "nnclr"])
     monkeypatch.setattr(bench, "method_step", lambda name, scale: make(name))
     monkeypatch.setattr(bench, "step_flops", lambda step: step() or 10**9)  # the warm-up step
@@ -50,6 +53,8 @@ def test_step_time_is_the_fastest_round_against_the_higher_of_two_sgemm_rates(mo
     assert rows["nnclr"]["gflops"] == pytest.approx(1.0 / 0.4)
     assert rows["nnclr"]["sgemm_gflops"] == 150.0
     assert rows["simclr"]["sgemm_fraction"] == pytest.approx(10.0 / 150.0)
+    # the median over the timed steps (the warm-up's 900 are not counted)
+    assert rows["simclr"]["page_faults"] == 3 and rows["nnclr"]["page_faults"] == 50
 
 
 def test_method_step_runs_the_optimiser_and_resolves_each_scale():
@@ -70,7 +75,7 @@ def _rows(scale: str, seconds: dict[str, float]) -> list[dict]:
     return [
         {"method": name, "scale": scale, "seconds": s, "ratio": s / seconds["simclr"],
          "gflop": 10.0, "gflops": 10.0 / s, "sgemm_gflops": 100.0, "sgemm_fraction": 0.1 / s,
-         "repeats": 2, "load": (0.5, 1.5)}
+         "repeats": 2, "load": (0.5, 1.5), "page_faults": 1234.0}
         for name, s in seconds.items()
     ]
 
@@ -96,8 +101,8 @@ def test_render_shows_time_ratio_flops_and_fraction_of_sgemm():
     text = bench.render(results)
     assert "ResNet-18, low-resolution stem, 32 px" in text and "(100 GFLOP/s)" in text
     assert "load average 0.5 before, 1.5 after" in text
-    assert "| cld | 12000 | 1.20 | 10.0 | 1 | 1% |" in text
-    assert "| simclr | 10000 | 1.00 | 10.0 | 1 | 1% |" in text
+    assert "| cld | 12000 | 1.20 | 10.0 | 1 | 1% | 1,234 |" in text
+    assert "| simclr | 10000 | 1.00 | 10.0 | 1 | 1% | 1,234 |" in text
 
 
 def test_knn_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
@@ -107,6 +112,8 @@ def test_knn_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
     # the warm-up call of each, then 2 rounds: bare, k = 20, k = 200 in turn
     durations = iter([9.0, 9.0, 9.0, 2.0, 5.0, 2.5, 1.0, 1.2, 3.0])
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    faults = iter(range(0, 10**6, 7))  # every step call adds 7 faults, nnclr's one more
+    monkeypatch.setattr(bench, "minor_page_faults", lambda: next(faults))
 
     def tick(*args, **kwargs) -> None:
         now[0] += next(durations)
@@ -132,6 +139,8 @@ def test_fastest_of_rounds_warms_up_then_interleaves(monkeypatch):
         return fn
 
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    faults = iter(range(0, 10**6, 7))  # every step call adds 7 faults, nnclr's one more
+    monkeypatch.setattr(bench, "minor_page_faults", lambda: next(faults))
     best = bench.fastest_of_rounds({"a": make("a"), "b": make("b")}, rounds=2)
     assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then round after round
     assert best == {"a": 1.0, "b": 2.0}
@@ -157,6 +166,8 @@ def test_loss_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
         return torch.zeros((), requires_grad=True)
 
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    faults = iter(range(0, 10**6, 7))  # every step call adds 7 faults, nnclr's one more
+    monkeypatch.setattr(bench, "minor_page_faults", lambda: next(faults))
     monkeypatch.setattr(methods.simclr, "nt_xent_loss", lambda views, t: spend("nt_xent"))
     monkeypatch.setattr(methods.groco, "groco_loss",
                         lambda views, topk_neg, backend: spend((topk_neg + 1, backend)))
