@@ -112,8 +112,6 @@ def test_knn_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
     # the warm-up call of each, then 2 rounds: bare, k = 20, k = 200 in turn
     durations = iter([9.0, 9.0, 9.0, 2.0, 5.0, 2.5, 1.0, 1.2, 3.0])
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
-    faults = iter(range(0, 10**6, 7))  # every step call adds 7 faults, nnclr's one more
-    monkeypatch.setattr(bench, "minor_page_faults", lambda: next(faults))
 
     def tick(*args, **kwargs) -> None:
         now[0] += next(durations)
@@ -139,8 +137,6 @@ def test_fastest_of_rounds_warms_up_then_interleaves(monkeypatch):
         return fn
 
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
-    faults = iter(range(0, 10**6, 7))  # every step call adds 7 faults, nnclr's one more
-    monkeypatch.setattr(bench, "minor_page_faults", lambda: next(faults))
     best = bench.fastest_of_rounds({"a": make("a"), "b": make("b")}, rounds=2)
     assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then round after round
     assert best == {"a": 1.0, "b": 2.0}
@@ -166,8 +162,6 @@ def test_loss_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
         return torch.zeros((), requires_grad=True)
 
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
-    faults = iter(range(0, 10**6, 7))  # every step call adds 7 faults, nnclr's one more
-    monkeypatch.setattr(bench, "minor_page_faults", lambda: next(faults))
     monkeypatch.setattr(methods.simclr, "nt_xent_loss", lambda views, t: spend("nt_xent"))
     monkeypatch.setattr(methods.groco, "groco_loss",
                         lambda views, topk_neg, backend: spend((topk_neg + 1, backend)))
