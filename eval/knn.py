@@ -8,22 +8,23 @@ Bank = L2-normalised train-split features, queries = L2-normalised test-split fe
     score_i(c) = Σ_{j ∈ N_k(i)} exp(s_ij / T) · 1[y_j = c]
     ŷ_i = argmax_c score_i(c)   (ties -> smaller class index; absent classes score 0)
 
-Shape follows DINO's ``eval_knn.py``: one matmul and one ``topk`` per query chunk. The
+Shape follows DINO's ``eval_knn.py``: one matmul and one top-k selection per query chunk (on
+CPU, ``topk`` over the few column groups that can hold the top k; :func:`_largest`). The
 neighbour lists (:func:`nearest_neighbours`) are computed once and can serve several settings:
 the canonical k-nearest list of the largest k starts with the list of every smaller k, so
 :func:`knn_from_neighbours` and :func:`agreement_from_neighbours` score any k up to it without
 another pass over the bank (the engine computes all its k-NN metrics from one pass).
 
-Cost, 50,000 bank × 10,000 queries × 512, CPU time on one thread (``python -m eval.bench``
-reports it on the machine at hand): about 1.2× the bare chunked bank × queries matmul at k = 20
-and 1.3× at k = 200; the remaining overhead is ``topk`` itself.
+Cost, 50,000 bank × 10,000 queries × 512 (``python -m eval.bench`` reports it on the machine
+at hand): about 1.1× the bare chunked bank × queries matmul at k = 20 and 1.2× at k = 200; the
+rest is the top-k selection.
 
 Determinism rules that the formula leaves open, fixed here so that the result does not depend
 on ``chunk_size`` or on ``topk``'s internal tie order:
 
 * When several bank entries tie with the k-th largest similarity, N_k(i) takes those with the
-  smaller train index. ``topk(k + 1)`` shows which rows have such a tie (the k-th and (k+1)-th
-  values are equal); only those rows get an explicit comparison pass.
+  smaller train index. The k + 1 largest values show which rows have such a tie (the k-th and
+  (k+1)-th values are equal); only those rows get an explicit comparison pass.
 * k > N_train is an error naming both numbers (protocol); with ``clamp_k=True`` k = N_train is
   used instead and the result names it (``KnnResult.k``; ``k_requested`` is the k asked for).
 * The k neighbours are accumulated in the order (similarity descending, train index ascending),
@@ -42,6 +43,7 @@ argmax or the ranking anyway).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -138,21 +140,66 @@ def resolve_k(k: int, n_train: int, clamp_k: bool = False) -> int:
     return k_used
 
 
+#: Most columns per group in :func:`_largest`. With G groups of g columns a row costs about
+#: N (the group maxima) + G (their top-m) + m·g (the candidates' top-m), least near
+#: g = sqrt(N/m); above 16 the maxima pass itself gets slower on CPU.
+MAX_GROUP_COLUMNS = 16
+
+
+def _group_columns(n_cols: int, m: int, device: torch.device) -> int:
+    """Columns per group for :func:`_largest`'s preselection, or 0 where a plain ``topk`` is
+    used: off the CPU, and where groups of 4 or more columns would not leave 4·m groups."""
+    group = min(MAX_GROUP_COLUMNS, math.isqrt(n_cols // m))
+    if device.type != "cpu" or group < 4 or n_cols // group < 4 * m:
+        return 0
+    return group
+
+
+def _largest(sims: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sims.topk(m, dim=1)``: the m largest values of each row, sorted descending, and columns
+    holding them (among equal values, which columns is unspecified, as with ``topk``).
+
+    On CPU with long rows, a preselection first: the first G·g columns fall into G strided
+    groups {c, c+G, …, c+(g−1)·G}, the last N − G·g < g columns form a tail, and only the m
+    groups with the largest maxima, plus the tail, are searched. The values stay exact: if the
+    i-th largest value a_i lies in a group that was not chosen, each of the m chosen groups has
+    a maximum ≥ a_i, so the candidates hold at least i values ≥ a_i in any case. CPU ``topk``
+    copies and ranks every entry of the row; this reads the row once for the group maxima, then
+    ranks G + m·g entries. CUDA's ``topk`` is used as it is.
+    """
+    n_rows, n_cols = sims.shape
+    group = _group_columns(n_cols, m, sims.device)
+    if not group:
+        return sims.topk(m, dim=1, largest=True, sorted=True)
+    n_groups = n_cols // group
+    body = n_groups * group
+    maxima = sims[:, :body].reshape(n_rows, group, n_groups).amax(dim=1)
+    # Sorted group ids make the candidates' gather walk each row forwards.
+    best = maxima.topk(m, dim=1, largest=True, sorted=False).indices.sort(dim=1).values
+    cols = torch.empty(n_rows, group * m + n_cols - body, dtype=torch.long, device=sims.device)
+    offsets = torch.arange(0, body, n_groups, device=sims.device)
+    torch.add(best.unsqueeze(1), offsets.unsqueeze(1), out=cols[:, : group * m].view(n_rows, group, m))
+    cols[:, group * m :] = torch.arange(body, n_cols, device=sims.device)
+    values, picked = sims.gather(1, cols).topk(m, dim=1, largest=True, sorted=True)
+    return values, cols.gather(1, picked)
+
+
 def _nearest(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``sims`` in canonical order (similarity desc, index asc).
 
-    Boundary ties go to the smaller column index. ``topk`` returns the right *values* but, among
-    columns tied at the k-th value, an unspecified subset. One extra column tells which rows are
+    Boundary ties go to the smaller column index. ``topk`` (and :func:`_largest`) returns the
+    right *values* but, among columns tied at the k-th value, an unspecified subset. One extra column tells which rows are
     affected: the top-k set is ambiguous exactly when the k-th and (k+1)-th largest values are
     equal. Only those rows (rare on real features) are re-selected by an explicit comparison,
-    so the common case costs ``topk(k + 1)`` and no further pass over ``sims``.
+    so the common case costs one selection of the k + 1 largest and no further pass over
+    ``sims``.
     """
     n_rows, n_cols = sims.shape
     if k >= n_cols:  # every column is a neighbour
         top_i = torch.arange(n_cols, device=sims.device).expand(n_rows, n_cols)
         top_s = sims
     else:
-        top_s, top_i = sims.topk(k + 1, dim=1, largest=True, sorted=True)
+        top_s, top_i = _largest(sims, k + 1)
         tied = top_s[:, k - 1] == top_s[:, k]
         top_s, top_i = top_s[:, :k], top_i[:, :k]
         if bool(tied.any()):
@@ -188,7 +235,8 @@ def nearest_neighbours(
     sorted by similarity descending then bank index ascending; a boundary tie takes the smaller
     bank index. The first k' columns are therefore the k'-nearest for every k' ≤ k, which lets
     one pass serve several k (see :func:`knn_from_neighbours`). Features are L2-normalised in
-    float32 (norm floored at 1e-12); one matmul and one ``topk`` per ``chunk_size`` queries.
+    float32 (norm floored at 1e-12); one matmul and one top-k selection per ``chunk_size``
+    queries.
     Raises ``ValueError`` if k < 1 or k > N_train.
     """
     train_features = _as_tensor(train_features)

@@ -11,6 +11,8 @@ from scipy import stats as sps
 
 import eval.linear as linear_module
 from eval.knn import (
+    _group_columns,
+    _largest,
     agreement_from_neighbours,
     knn_evaluate,
     knn_from_neighbours,
@@ -250,6 +252,59 @@ def test_nearest_neighbours_canonical_lists_bruteforce():
                 np.testing.assert_allclose(top_s[row].numpy(), s[order[:k]], atol=1e-6)
                 n_boundary += int(k < n_train and s[order[k - 1]] == s[order[k]])
         assert k == n_train or n_boundary > 0
+
+
+@pytest.mark.parametrize("m", [2, 21, 201])
+@pytest.mark.parametrize("case", ["random", "ties", "one_group"])
+def test_largest_preselection_equals_topk(m, case):
+    """The grouped preselection returns exactly topk's values (sorted) and columns holding them,
+    with a tail of columns outside the groups, many exact ties, and the top values crowded into
+    a few groups (where a group holds many of the m largest)."""
+    n_rows, n_cols = 40, 5003
+    g = torch.Generator().manual_seed(m)
+    sims = torch.randn(n_rows, n_cols, generator=g)
+    group = _group_columns(n_cols, m, sims.device)
+    n_groups = n_cols // group
+    assert group >= 4 and n_groups * group < n_cols  # the preselection runs, with a tail
+    if case == "ties":
+        sims = (sims * 4).round() / 4
+    elif case == "one_group":
+        for row in range(n_rows):
+            start = int(torch.randint(0, n_groups, (1,), generator=g))
+            members = torch.arange(start, n_groups * group, n_groups)
+            sims[row, members] = 10 + torch.rand(len(members), generator=g)
+        sims[:, n_groups * group :] = 20.0  # the tail holds the very largest
+    values, cols = _largest(sims, m)
+    ref_values, _ = sims.topk(m, dim=1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(sims.gather(1, cols), values)
+    assert all(len(set(row.tolist())) == m for row in cols)
+
+
+def test_nearest_neighbours_canonical_lists_at_scale():
+    """Lists from the grouped preselection (a 4,001-entry bank, k = 20 and 200) equal the
+    float64 lexsort (similarity desc, index asc) where almost every boundary is an exact tie:
+    vectors in {-1, 0, 1}^8 with four non-zeros, so every cosine is a multiple of 1/4."""
+    g = np.random.default_rng(3)
+
+    def vectors(n: int) -> np.ndarray:
+        out = np.zeros((n, 8), dtype=np.float32)
+        for row in out:
+            row[g.choice(8, size=4, replace=False)] = g.choice([-1.0, 1.0], size=4)
+        return out
+
+    bank, queries = vectors(4001), vectors(25)
+    for k in (20, 200):
+        assert _group_columns(len(bank), k + 1, torch.device("cpu")) >= 4
+        top_s, top_i = nearest_neighbours(torch.from_numpy(bank), torch.from_numpy(queries), k)
+        n_boundary = 0
+        for row, q in enumerate(queries):
+            s = bank.astype(np.float64) @ q / 4.0
+            order = np.lexsort((np.arange(len(bank)), -s))
+            np.testing.assert_array_equal(top_i[row].numpy(), order[:k])
+            np.testing.assert_array_equal(top_s[row].numpy(), s[order[:k]])
+            n_boundary += int(s[order[k - 1]] == s[order[k]])
+        assert n_boundary > 0
 
 
 def test_knn_from_neighbours_prefix_equals_knn_evaluate():
