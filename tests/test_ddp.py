@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,11 @@ def _worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None
         if rank == 0:
             torch.save(result, out / f"{case_id(case)}.pt")
     dist.destroy_process_group()
+    # As in eval.doctor's DDP check: the interpreter's teardown can still abort a process here
+    # (gloo's threads), which would fail every case of the module at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

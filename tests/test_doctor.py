@@ -105,5 +105,27 @@ def test_two_process_ddp_step():
         assert problem is not None and problem.startswith("rank"), problem
 
 
+@pytest.mark.filterwarnings("ignore:Device capability of no_such_backend")
+def test_ddp_worker_skips_interpreter_teardown_after_a_passing_check(tmp_path, monkeypatch):
+    """A passing worker leaves by os._exit(0), after destroying its group: the interpreter's
+    teardown could still abort it (gloo's threads) and turn a passing check into a failure.
+    A failing check still raises. One process, world size 1, in this process."""
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(doctor.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit):
+        doctor._ddp_worker(0, 1, "gloo", str(tmp_path / "init"), str(tmp_path))
+    assert exits == [0] and not torch.distributed.is_initialized()
+    assert not list(tmp_path.glob("rank*.err"))
+
+    with pytest.raises(Exception, match="no_such_backend"):  # fails before any collective
+        doctor._ddp_worker(0, 1, "no_such_backend", str(tmp_path / "init2"), str(tmp_path))
+    assert exits == [0] and (tmp_path / "rank0.err").exists()
+
+
 def test_doctor_is_a_module_entry_point():
     assert Path(doctor.__file__).name == "doctor.py" and "eval.doctor" in sys.modules
