@@ -117,14 +117,18 @@ def test_ddp_worker_skips_interpreter_teardown_after_a_passing_check(tmp_path, m
         raise SystemExit(code)
 
     monkeypatch.setattr(doctor.os, "_exit", fake_exit)
-    with pytest.raises(SystemExit):
-        doctor._ddp_worker(0, 1, "gloo", str(tmp_path / "init"), str(tmp_path))
-    assert exits == [0] and not torch.distributed.is_initialized()
-    assert not list(tmp_path.glob("rank*.err"))
+    threads = torch.get_num_threads()  # the worker sets one thread: restored for later tests
+    try:
+        with pytest.raises(SystemExit):
+            doctor._ddp_worker(0, 1, "gloo", str(tmp_path / "init"), str(tmp_path))
+        assert exits == [0] and not torch.distributed.is_initialized()
+        assert not list(tmp_path.glob("rank*.err"))
 
-    with pytest.raises(Exception, match="no_such_backend"):  # fails before any collective
-        doctor._ddp_worker(0, 1, "no_such_backend", str(tmp_path / "init2"), str(tmp_path))
-    assert exits == [0] and (tmp_path / "rank0.err").exists()
+        with pytest.raises(Exception, match="no_such_backend"):  # fails before any collective
+            doctor._ddp_worker(0, 1, "no_such_backend", str(tmp_path / "init2"), str(tmp_path))
+        assert exits == [0] and (tmp_path / "rank0.err").exists()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_doctor_is_a_module_entry_point():
