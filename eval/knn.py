@@ -188,9 +188,9 @@ def _nearest(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``sims`` in canonical order (similarity desc, index asc).
 
     Boundary ties go to the smaller column index. ``topk`` (and :func:`_largest`) returns the
-    right *values* but, among columns tied at the k-th value, an unspecified subset. One extra column tells which rows are
-    affected: the top-k set is ambiguous exactly when the k-th and (k+1)-th largest values are
-    equal. Only those rows (rare on real features) are re-selected by an explicit comparison,
+    right *values* but, among columns tied at the k-th value, an unspecified subset. One extra
+    column tells which rows are affected: the top-k set is ambiguous exactly when the k-th and
+    (k+1)-th largest values are equal. Only those rows (rare on real features) are re-selected by an explicit comparison,
     so the common case costs one selection of the k + 1 largest and no further pass over
     ``sims``.
     """
