@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import datetime
+import gc
 import os
 import platform
 import re
@@ -200,6 +201,31 @@ def configure_host_allocator() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
+_exit_collection_skipped = False
+
+
+def skip_exit_collection() -> None:
+    """Let this process exit without the interpreter's last garbage-collection pass over every
+    live object (idempotent).
+
+    At exit CPython runs a full cycle collection before it clears the modules. With torch, timm,
+    hydra, scipy and pandas imported that pass alone takes about 1.2 s here (a profile of a
+    finished ``python -m eval.grid`` run in its last second shows only the collector), on every CLI command, every
+    run's process and every DDP rank. An atexit handler, registered the first time this is called
+    so that it runs after the handlers registered later (logging, the process group, the loky
+    workers' shutdown: all still see a live interpreter), moves every live object into the
+    collector's permanent generation (``gc.freeze``), which that last pass skips. Nothing else
+    changes: module teardown and reference counting still release what they release, and the
+    operating system takes the memory back. What is given up is the finalisation of cyclic
+    garbage still uncollected at exit, as ``os._exit`` gives it up; records and checkpoints are
+    written, fsynced and closed before a run returns, so none of them depends on it.
+    """
+    global _exit_collection_skipped
+    if not _exit_collection_skipped:
+        atexit.register(gc.freeze)
+        _exit_collection_skipped = True
+
+
 def _port_for(job_id: str) -> int:
     """A rendezvous port every task of a job agrees on without talking: derived from the job id."""
     digits = re.sub(r"\D", "", job_id) or "0"
@@ -234,6 +260,7 @@ def setup(requested_device: str = "auto") -> DistContext:
     """
     configure_threads()
     configure_host_allocator()
+    skip_exit_collection()
     job = job_info()
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -501,4 +528,5 @@ __all__ = [
     "prepare_method",
     "setup",
     "shard_slice",
+    "skip_exit_collection",
 ]

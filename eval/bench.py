@@ -894,4 +894,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from engine.distributed import skip_exit_collection
+
+    skip_exit_collection()
     main()

@@ -390,4 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from engine.distributed import skip_exit_collection
+
+    skip_exit_collection()
     sys.exit(main())

@@ -501,6 +501,8 @@ if __name__ == "__main__":
     # Run the copy of this module imported under its own name rather than ``__main__``: submitit
     # then pickles the task by reference (``eval.grid.run_one``), so a job imports this module,
     # and its warning filter, before hydra composes the job's config.
+    from engine.distributed import skip_exit_collection
     from eval.grid import main as _main
 
+    skip_exit_collection()
     _main()
