@@ -209,16 +209,17 @@ def skip_exit_collection() -> None:
     live object (idempotent).
 
     At exit CPython runs a full cycle collection before it clears the modules. With torch, timm,
-    hydra, scipy and pandas imported that pass alone takes about 1.2 s here (a profile of a
-    finished ``python -m eval.grid`` run in its last second shows only the collector), on every CLI command, every
-    run's process and every DDP rank. An atexit handler, registered the first time this is called
-    so that it runs after the handlers registered later (logging, the process group, the loky
-    workers' shutdown: all still see a live interpreter), moves every live object into the
-    collector's permanent generation (``gc.freeze``), which that last pass skips. Nothing else
-    changes: module teardown and reference counting still release what they release, and the
-    operating system takes the memory back. What is given up is the finalisation of cyclic
-    garbage still uncollected at exit, as ``os._exit`` gives it up; records and checkpoints are
-    written, fsynced and closed before a run returns, so none of them depends on it.
+    hydra, scipy and pandas imported that pass alone takes about 1.2 s here (a native profile of
+    a finished ``python -m eval.grid`` run in its last second shows only the collector), on every
+    CLI command, every run's process and every DDP rank. The first call registers an atexit
+    handler that moves every live object into the collector's permanent generation
+    (``gc.freeze``), which that last pass skips. Handlers registered after it (the process
+    group's teardown) run before it; those registered before it (logging's) run after it, on
+    objects that are all still alive. Module teardown and reference counting still release what
+    they release, and the operating system takes the memory back. What is given up is the
+    finalisation of cyclic garbage still uncollected at exit, as ``os._exit`` gives it up;
+    records and checkpoints are written, fsynced and closed before a run returns, so none of
+    them depends on it.
     """
     global _exit_collection_skipped
     if not _exit_collection_skipped:
