@@ -178,7 +178,8 @@ def _largest(sims: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     best = maxima.topk(m, dim=1, largest=True, sorted=False).indices.sort(dim=1).values
     cols = torch.empty(n_rows, group * m + n_cols - body, dtype=torch.long, device=sims.device)
     offsets = torch.arange(0, body, n_groups, device=sims.device)
-    torch.add(best.unsqueeze(1), offsets.unsqueeze(1), out=cols[:, : group * m].view(n_rows, group, m))
+    candidates = cols[:, : group * m].view(n_rows, group, m)
+    torch.add(best.unsqueeze(1), offsets.unsqueeze(1), out=candidates)
     cols[:, group * m :] = torch.arange(body, n_cols, device=sims.device)
     values, picked = sims.gather(1, cols).topk(m, dim=1, largest=True, sorted=True)
     return values, cols.gather(1, picked)
@@ -190,9 +191,9 @@ def _nearest(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Boundary ties go to the smaller column index. ``topk`` (and :func:`_largest`) returns the
     right *values* but, among columns tied at the k-th value, an unspecified subset. One extra
     column tells which rows are affected: the top-k set is ambiguous exactly when the k-th and
-    (k+1)-th largest values are equal. Only those rows (rare on real features) are re-selected by an explicit comparison,
-    so the common case costs one selection of the k + 1 largest and no further pass over
-    ``sims``.
+    (k+1)-th largest values are equal. Only those rows (rare on real features) are re-selected
+    by an explicit comparison, so the common case costs one selection of the k + 1 largest and
+    no further pass over ``sims``.
     """
     n_rows, n_cols = sims.shape
     if k >= n_cols:  # every column is a neighbour
