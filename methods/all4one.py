@@ -124,7 +124,7 @@ def centroid_sequences(
 
     S = NN + PE (the K neighbours, most similar first) and, by the figure's shift operation,
     T = [c ; NN[:, 0:K−1]] + PE: the centroid predictor output c (not normalised) takes slot 0 and
-    the K-th neighbour is dropped. Both run in float32.
+    the K-th neighbour is dropped. Both run in float32 (float64 inputs stay float64).
     """
     if neighbours.ndim != 3 or centroid_pred.shape != (neighbours.shape[0], neighbours.shape[2]):
         raise ValueError(
@@ -132,10 +132,11 @@ def centroid_sequences(
             f"{tuple(neighbours.shape)} and {tuple(centroid_pred.shape)}"
         )
     k = neighbours.shape[1]
-    neighbours = neighbours.float()
-    table = table.to(neighbours.device, torch.float32)
+    dtype = torch.promote_types(neighbours.dtype, torch.float32)
+    neighbours = neighbours.to(dtype)
+    table = table.to(neighbours.device, dtype)
     rich = neighbours + table
-    shifted = torch.cat([centroid_pred.float().unsqueeze(1), neighbours[:, : k - 1]], dim=1) + table
+    shifted = torch.cat([centroid_pred.to(dtype).unsqueeze(1), neighbours[:, : k - 1]], dim=1) + table
     return rich, shifted
 
 
@@ -237,32 +238,63 @@ def _dropout_noise(
     return noise.transpose(0, 1) if swap01 else noise
 
 
-def _encoder_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, first_only: bool) -> torch.Tensor:
+def _slot0_attention(attn: nn.MultiheadAttention, x: torch.Tensor, p_attn: float) -> torch.Tensor:
+    """Slot 0's attention output before ``out_proj``, (B, 1, E), with the keys and values folded
+    into its query. Per head h, slot l's score is q·(W_k x_l + b_k) = (W_kᵀ q)·x_l + q·b_k and the
+    output is Σ_l a_l (W_v x_l + b_v) = W_v (Σ_l a_l x_l) + b_v Σ_l a_l (a: the dropped-out
+    attention weights), so no slot's key or value is projected: a quarter of the FLOPs of the
+    projections it replaces at K = 5. The dropout mask is drawn whole, (B, H, L, L), as before."""
+    batch, length, dim = x.shape
+    heads = attn.num_heads
+    head_dim = dim // heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    w_k, w_v = weight[dim:].view(2, heads, head_dim, dim).unbind(0)
+    b_k, b_v = bias[dim:].view(2, heads, head_dim).unbind(0)
+    q = F.linear(x[:, 0], weight[:dim], bias[:dim]).view(batch, heads, head_dim) * head_dim**-0.5
+    scores = torch.einsum("bhe,ble->bhl", torch.einsum("bhd,hde->bhe", q, w_k), x)
+    weights = (scores + (q * b_k).sum(-1, keepdim=True)).softmax(dim=-1)
+    if p_attn > 0:
+        weights = weights * _dropout_noise((batch, heads, length, length), p_attn, x)[:, :, 0]
+    mixed = torch.einsum("bhl,ble->bhe", weights, x)
+    out = torch.einsum("bhe,hde->bhd", mixed, w_v) + b_v * weights.sum(-1, keepdim=True)
+    return out.reshape(batch, 1, dim)
+
+
+def _encoder_layer(
+    layer: nn.TransformerEncoderLayer, x: torch.Tensor, first_only: bool,
+    projection: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One post-norm ReLU ``TransformerEncoderLayer`` (batch-first, no mask) in training or eval
     mode, with the module's parameters and its dropout draws in its order, shapes and memory
     layouts: attention weights (B, H, L, L), attention output (B, L, E) laid out as (L, B, E),
     feed-forward hidden (B, L, F), feed-forward output (B, L, E). ``first_only``: only slot 0's
-    output, (B, 1, E); keys and values still come from every slot, and the masks are drawn whole."""
+    output, (B, 1, E), its attention folded (``_slot0_attention``); the masks are drawn whole.
+    ``projection``: ``x``'s query-key-value projection (B, L, 3E), if the caller has it already
+    (not with ``first_only``)."""
     attn = layer.self_attn
     batch, length, dim = x.shape
-    heads = attn.num_heads
-    head_dim = dim // heads
     p_attn = attn.dropout if attn.training else 0.0
-    p1, p_ff, p2 = (d.p if d.training else 0.0 for d in (layer.dropout1, layer.dropout, layer.dropout2))
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    p1, p_ff, p2 = (
+        d.p if d.training else 0.0 for d in (layer.dropout1, layer.dropout, layer.dropout2)
+    )
     if first_only:
-        q = F.linear(x[:, :1], weight[:dim], bias[:dim]).view(batch, 1, heads, head_dim)
-        k, v = F.linear(x, weight[dim:], bias[dim:]).view(batch, length, 2, heads, head_dim).unbind(2)
+        rows = 1
+        out = _slot0_attention(attn, x, p_attn)
     else:
-        q, k, v = F.linear(x, weight, bias).view(batch, length, 3, heads, head_dim).unbind(2)
-    rows = 1 if first_only else length
-    # scaled_dot_product_attention's math path: q and k each scaled by head_dim^(−1/4)
-    scale = head_dim ** -0.25
-    scores = torch.matmul((q * scale).transpose(1, 2), (k * scale).permute(0, 2, 3, 1))
-    weights = scores.softmax(dim=-1)
-    if p_attn > 0:
-        weights = weights * _dropout_noise((batch, heads, length, length), p_attn, x)[:, :, :rows]
-    out = torch.matmul(weights, v.transpose(1, 2)).transpose(1, 2).reshape(batch, rows, dim)
+        rows = length
+        heads = attn.num_heads
+        head_dim = dim // heads
+        qkv = projection
+        if qkv is None:
+            qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(batch, length, 3, heads, head_dim).unbind(2)
+        # scaled_dot_product_attention's math path: q and k each scaled by head_dim^(−1/4)
+        scale = head_dim ** -0.25
+        scores = torch.matmul((q * scale).transpose(1, 2), (k * scale).permute(0, 2, 3, 1))
+        weights = scores.softmax(dim=-1)
+        if p_attn > 0:
+            weights = weights * _dropout_noise((batch, heads, length, length), p_attn, x)
+        out = torch.matmul(weights, v.transpose(1, 2)).transpose(1, 2).reshape(batch, rows, dim)
     out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
     if p1 > 0:
         out = out * _dropout_noise((batch, length, dim), p1, x, swap01=True)[:, :rows]
@@ -283,19 +315,63 @@ class CentroidTransformer(nn.TransformerEncoder):
     Parameters, their names and the dropout draws are ``nn.TransformerEncoder``'s, so the same
     RNG state gives the same masks and the result is ``nn.TransformerEncoder(...)(x)[:, 0]`` up to
     float rounding. On the CPU the layers run batch-first without MultiheadAttention's (L, B, E)
-    copies, and the last layer computes only slot 0's query, attention row and feed-forward
-    (keys and values still from every slot): ~20 % fewer FLOPs. Other devices run the standard
+    copies, and the last layer computes only slot 0's row, with its keys and values folded into
+    its query (``_slot0_attention``): ~25 % fewer FLOPs. Other devices run the standard
     module (its fused attention draws its own dropout masks there).
     """
 
-    def forward(self, src: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, src: torch.Tensor, projection: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Slot 0's output for ``src`` (B, L, D). ``projection``: the first layer's query-key-value
+        projection of ``src``, ``F.linear(src, in_proj_weight, in_proj_bias)``, where the caller
+        has it at a lower cost (``encode``); the CPU path then uses it, other devices ignore it."""
         if src.device.type != "cpu":
             return super().forward(src)[:, 0]
         x = src
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = _encoder_layer(layer, x, first_only=i == last)
+            given = projection if i == 0 and i != last else None
+            x = _encoder_layer(layer, x, first_only=i == last, projection=given)
         return x[:, 0]
+
+    def encode(
+        self, neighbours: list[torch.Tensor], centroid_preds: list[torch.Tensor],
+        table: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Enc(S_1), Enc(S_2), Enc(T_1), Enc(T_2) from each view's neighbours (B, K, D), centroid
+        prediction (B, D) and the positional table (K, D) (``centroid_sequences``): four calls in
+        the official order, so that the dropout masks are the official code's under the same RNG
+        state.
+
+        On the CPU the first layer's projection of the K neighbours is computed once per view and
+        shared by S and T: with W the query-key-value weight and b its bias, (n_j + e_l)Wᵀ + b =
+        n_jWᵀ + (e_lWᵀ + b), and T's slots 1..K−1 hold S's neighbours 0..K−2 under other position
+        rows e_l. Only T's slot 0, c + e_0, is projected on its own.
+        """
+        rich, shifted = zip(
+            *(centroid_sequences(nn_a, c_a, table)
+              for nn_a, c_a in zip(neighbours, centroid_preds, strict=True)),
+            strict=True,
+        )
+        sequences = [*rich, *shifted]
+        if sequences[0].device.type != "cpu" or len(self.layers) < 2:
+            return [self(seq) for seq in sequences]
+        attn = self.layers[0].self_attn
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        table = table.to(sequences[0].device, sequences[0].dtype)
+        k = table.shape[0]
+        table_projection = F.linear(table, weight, bias)
+        rich_projections, shifted_projections = [], []
+        for seq_t, nn_a in zip(shifted, neighbours, strict=True):
+            shared = F.linear(nn_a.to(seq_t.dtype), weight)
+            rich_projections.append(shared + table_projection)
+            slot0 = F.linear(seq_t[:, :1], weight, bias)
+            shifted_projections.append(
+                torch.cat([slot0, shared[:, : k - 1] + table_projection[1:]], dim=1)
+            )
+        projections = [*rich_projections, *shifted_projections]
+        return [self(seq, proj) for seq, proj in zip(sequences, projections, strict=True)]
 
 
 def build_centroid_transformer(
@@ -489,14 +565,8 @@ class All4One(IndexLabelsMixin, SSLMethod):
             neighbours.append(values)
             ids.append(value_ids)
 
-        rich, shifted = zip(
-            *(centroid_sequences(nn_a, c_a, self.position_table)
-              for nn_a, c_a in zip(neighbours, c, strict=True)),
-            strict=True,
-        )
-        # Enc(S_1), Enc(S_2), Enc(T_1), Enc(T_2), four calls in the official order, so that the
-        # dropout masks match the official code's under the same RNG state.
-        encoded = [self.transformer(seq) for seq in (*rich, *shifted)]
+        # Enc(S_1), Enc(S_2), Enc(T_1), Enc(T_2) in the official order (dropout masks)
+        encoded = self.transformer.encode(neighbours, c, self.position_table)
         loss_centroid = centroid_loss(encoded[:2], encoded[2:], cfg.centroid_temperature)
         loss_nn = nnclr_loss(
             neighbours[0][:, 0], p[0], neighbours[1][:, 0], p[1], cfg.temperature, "cross_view"

@@ -208,6 +208,51 @@ def test_centroid_transformer_is_the_standard_encoder_at_slot_0(train):
         assert torch.allclose(want, got, rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_encode_is_four_standard_encoder_calls_in_the_official_order(layers):
+    # encode shares the first layer's projection of the neighbours between S and T; against
+    # nn.TransformerEncoder on the four sequences, in float64, with dropout on: equal outputs,
+    # equal gradients (centroid predictions and parameters) and the same RNG state after.
+    from methods.all4one import build_centroid_transformer
+
+    torch.manual_seed(0)
+    fast = build_centroid_transformer(16, 4, 24, 0.3, layers).double().train()
+    for i, layer in enumerate(fast.layers):  # distinct layers, so that a swapped one would show
+        for param in layer.parameters():
+            param.data.add_(0.1 * (i + 1) * torch.randn_like(param))
+    standard = torch.nn.TransformerEncoder(copy.deepcopy(fast.layers[0]), layers,
+                                           enable_nested_tensor=False).double().train()
+    standard.load_state_dict(fast.state_dict())
+    neighbours = [torch.randn(6, 5, 16, dtype=torch.float64) for _ in range(2)]
+    preds = [torch.randn(6, 16, dtype=torch.float64) for _ in range(2)]
+    table = permuted_position_table(5, 16).double()
+
+    def standard_encode(leaves):
+        pairs = zip(neighbours, leaves, strict=True)
+        rich, shifted = zip(*(centroid_sequences(n, c, table) for n, c in pairs), strict=True)
+        return [standard(seq)[:, 0] for seq in (*rich, *shifted)]
+
+    results = []
+    for module, encode in ((standard, standard_encode),
+                           (fast, lambda leaves: fast.encode(neighbours, leaves, table))):
+        leaves = [c.clone().requires_grad_() for c in preds]
+        torch.manual_seed(7)
+        outputs = encode(leaves)
+        after = torch.rand(3)
+        weights = torch.randn(4, 6, 16, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(1))
+        sum((w * out).sum() for w, out in zip(weights, outputs, strict=True)).backward()
+        grads = [*(c.grad for c in leaves), *(p.grad for p in module.parameters())]
+        results.append((outputs, after, grads))
+    (want_out, want_after, want_grads), (got_out, got_after, got_grads) = results
+    assert torch.equal(want_after, got_after)
+    for want, got in zip(want_out, got_out, strict=True):
+        assert got.shape == (6, 16)
+        assert torch.allclose(want, got, rtol=0, atol=1e-12)
+    for want, got in zip(want_grads, got_grads, strict=True):
+        assert torch.allclose(want, got, rtol=0, atol=1e-12)
+
 def test_loss_is_weighted_sum_of_terms_and_nn_term_is_nnclr():
     method = small_all4one()
     views, indices = tiny_batch(8, seed=0)
