@@ -29,6 +29,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,12 @@ def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], int]:
     """Every job's override list of the sweep hydra's basic sweeper would launch, and the number
     of processes each run will have (``tasks_per_node`` × ``nodes`` of a submitit launcher).
     Without a ``method=`` override the sweep is the default grid (``default_grid_override``)."""
+    jobs, world, _ = _plan_sweep(overrides)
+    return jobs, world
+
+
+def _plan_sweep(overrides: list[str]) -> tuple[list[list[str]], int, DictConfig]:
+    """``expand_sweep``'s jobs and processes per run, and the sweep's ``hydra.launcher`` node."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -113,7 +121,84 @@ def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], int]:
     batches = BasicSweeper.split_arguments(parsed_all, max_batch_size=None)
     launcher = base.hydra.launcher
     world = int(launcher.get("tasks_per_node") or 1) * int(launcher.get("nodes") or 1)
-    return [job for batch in batches for job in batch], world
+    return [job for batch in batches for job in batch], world, launcher
+
+
+@contextmanager
+def skip_revalidation(jobs: list[list[str]]) -> Iterator[None]:
+    """While active, hydra's basic sweeper skips the second composition of the ``jobs`` that
+    ``check_grid`` composed and validated (``BasicSweeper.validate_batch_is_legal``, about 80 ms
+    a job, 3 s before the default grid's first run). Any other job is still validated, and so is
+    every job when a hydra setting is swept, since check_grid composes a job's own config
+    without its hydra overrides (the fixed ones are composed with the sweep's base config)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # its first call executes the plugin modules anew: their classes change
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    def own(job: Sequence[str]) -> tuple[str, ...]:  # hydra's jobs hold the task overrides only
+        return tuple(o for o in job if not _is_hydra_override(o))
+
+    hydra_parts = {tuple(o for o in job if _is_hydra_override(o)) for job in jobs}
+    validated = {own(job) for job in jobs} if len(hydra_parts) <= 1 else set()
+    original = BasicSweeper.validate_batch_is_legal
+
+    def validate(self: BasicSweeper, batch: Sequence[Sequence[str]]) -> None:
+        rest = [job for job in batch if own(job) not in validated]
+        if rest:
+            original(self, rest)
+
+    BasicSweeper.validate_batch_is_legal = validate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BasicSweeper.validate_batch_is_legal = original  # type: ignore[method-assign]
+
+
+def _prepare_worker() -> int:
+    import engine.train  # noqa: F401  (torch, timm and the methods: a run's imports)
+
+    return os.getpid()
+
+
+def start_joblib_workers(launcher: DictConfig) -> Generator[int, None, None]:
+    """Start the joblib launcher's process pool, one worker with a run's imports done, and return
+    at once: a generator that ends when that worker is ready.
+
+    hydra's joblib launcher calls ``joblib.Parallel`` with its settings, and joblib reuses the
+    process pool of an earlier ``Parallel`` with the same settings, so the workers started here
+    run the grid's jobs. One of them imports what a run needs (about 4 s) while this process
+    composes and pre-flights the grid, so the first run starts without that delay. Only one: on
+    a machine with two cores, more importing processes would slow the pre-flight by as much.
+    Before the launch, ``wait_for_workers``; if nothing is launched, ``stop_workers``.
+    """
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from joblib import Parallel, delayed
+
+    settings = OmegaConf.to_container(launcher, resolve=True)
+    assert isinstance(settings, dict)
+    settings.pop("_target_", None)
+    settings["backend"] = "loky"  # as the launcher does
+    process_joblib_cfg(settings)
+    return Parallel(**settings, return_as="generator")([delayed(_prepare_worker)()])
+
+
+def wait_for_workers(workers: Generator[int, None, None]) -> None:
+    """Wait until ``start_joblib_workers``' worker is ready. A failure there only loses the head
+    start: the launcher then starts its own workers and reports any real error."""
+    try:
+        for _ in workers:
+            pass
+    except Exception:  # noqa: BLE001  (an optimisation only)
+        pass
+
+
+def stop_workers(workers: Generator[int, None, None]) -> None:
+    """Stop ``start_joblib_workers``' pool now (joblib terminates the workers of a generator
+    closed early) rather than at exit, after the worker's imports."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # joblib's notice that the task was cancelled
+        workers.close()
 
 
 def _label(job: list[str]) -> str:
@@ -453,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = [sys.argv[0], *argv]
         _hydra_main()
         return
+    workers: Generator[int, None, None] | None = None
     try:
         multirun = _is_multirun(argv)
         if multirun:
@@ -460,7 +546,9 @@ def main(argv: list[str] | None = None) -> None:
             # command line (configs/config.yaml sweeps the seeds alone)
             default = default_grid_override(_user_overrides(argv))
             argv = [*argv, default] if default else argv
-            jobs, world = expand_sweep(_user_overrides(argv))
+            jobs, world, launcher = _plan_sweep(_user_overrides(argv))
+            if str(launcher.get("_target_", "")).endswith(".JoblibLauncher"):
+                workers = start_joblib_workers(launcher)
         else:
             jobs, world = [_user_overrides(argv)], int(os.environ.get("WORLD_SIZE") or 1)
         # Every config resolved and pre-flighted before the first run or SLURM submission.
@@ -480,8 +568,11 @@ def main(argv: list[str] | None = None) -> None:
             n_finished = count_finished(configs)
             done = f" ({n_finished} already finished)" if n_finished else ""
             print(f"[groupbench] grid of {len(jobs)} runs validated{done}", file=sys.stderr)
+        if workers is not None:
+            wait_for_workers(workers)
         sys.argv = [sys.argv[0], *argv]
-        _hydra_main()
+        with skip_revalidation(jobs):
+            _hydra_main()
         if smoke:
             echo = _launcher(_user_overrides(argv)) not in _SAME_TERMINAL_LAUNCHERS
             sys.exit(smoke_summary(len(jobs), sweep_dir, echo=echo))
@@ -495,6 +586,9 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if workers is not None:
+            stop_workers(workers)  # no-op once they were waited for
 
 
 if __name__ == "__main__":

@@ -273,10 +273,130 @@ def test_the_joblib_launcher_gets_the_largest_methods_first(tmp_path, monkeypatc
     import sys
 
     launched: list[list[str]] = []
+    started: list[str] = []
+
+    def start_workers(node):  # the pool itself: test_the_joblib_pool_started_early_runs_the_jobs
+        started.append(node._target_)
+        return (pid for pid in ())
+
+    monkeypatch.setattr(grid, "start_joblib_workers", start_workers)
     monkeypatch.setattr(grid, "_hydra_main", lambda: launched.append(list(sys.argv[1:])))
     monkeypatch.setattr(sys, "argv", ["grid"])
     grid.main(["-m", f"hydra/launcher={launcher}", "method=simclr,nnclr,all4one", "seed=0,1",
                f"results_dir={tmp_path}"])
     assert len(launched) == 1
     assert [a for a in launched[0] if a.startswith("method=")] == [expected]
+    assert [t.rsplit(".", 1)[-1] for t in started] == (["JoblibLauncher"] if launcher == "joblib"
+                                                        else [])
     assert not (tmp_path / "runs").exists()
+
+
+# the pool of the joblib launcher is started, and one worker's imports done, during pre-flight
+_POOL_SCRIPT = """
+import json, os, sys, time
+from hydra.utils import instantiate
+from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+from joblib import Parallel, delayed
+from eval.grid import _plan_sweep, start_joblib_workers, stop_workers, wait_for_workers
+
+_, _, node = _plan_sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=pixels"])
+wait_for_workers(start_joblib_workers(node))
+
+def probe():
+    time.sleep(0.5)
+    return os.getpid(), "engine.train" in sys.modules
+
+settings = instantiate(node).joblib  # what the launcher hands to Parallel (its launch())
+settings["backend"] = "loky"
+process_joblib_cfg(settings)
+results = Parallel(**settings)(delayed(probe)() for _ in range(4))
+# a grid that fails its pre-flight stops the pool at once
+tic = time.perf_counter()
+stop_workers(start_joblib_workers(node))
+stopped_in = time.perf_counter() - tic
+alive = []
+for pid, _ in results:
+    try:
+        os.kill(pid, 0)
+        alive.append(pid)
+    except ProcessLookupError:
+        pass
+print(json.dumps([results, alive, stopped_in]))
+"""
+
+
+def test_the_joblib_pool_started_early_runs_the_jobs():
+    # in its own process: the pool would outlive the test in this one
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results, alive, stopped_in = json.loads(done.stdout.strip().splitlines()[-1])
+    # the launcher's Parallel reused the pool: a worker already holds a run's imports
+    assert any(imported for _, imported in results), results
+    assert len({pid for pid, _ in results}) <= 2
+    assert alive == [] and stopped_in < 2.0  # not after the worker's imports (~4 s)
+
+
+# hydra's sweeper does not compose again the jobs that check_grid composed
+def test_hydra_validates_only_the_jobs_that_check_grid_did_not(monkeypatch):
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # hydra executes its plugin modules anew on the first call
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    seen: list[list[list[str]]] = []
+    monkeypatch.setattr(BasicSweeper, "validate_batch_is_legal",
+                        lambda self, batch: seen.append([list(job) for job in batch]))
+    jobs = [["hydra/launcher=joblib", "seed=0", "method=simclr"],
+            ["hydra/launcher=joblib", "seed=1", "method=simclr"]]
+    other = ["seed=2", "method=simclr"]
+    with grid.skip_revalidation(jobs):
+        # hydra's own job lists hold the task overrides only
+        BasicSweeper.validate_batch_is_legal(None, [["seed=1", "method=simclr"], other,
+                                                    ["seed=0", "method=simclr"]])
+    assert seen == [[other]]
+    BasicSweeper.validate_batch_is_legal(None, [other])  # restored on exit
+    assert seen[-1] == [other]
+    swept = [["hydra.launcher.n_jobs=1", "seed=0"], ["hydra.launcher.n_jobs=2", "seed=0"]]
+    with grid.skip_revalidation(swept):  # a swept hydra setting: every job validated by hydra
+        BasicSweeper.validate_batch_is_legal(None, [["seed=0"], ["seed=0"]])
+    assert seen[-1] == [["seed=0"], ["seed=0"]]
+
+
+
+_REVALIDATION_SCRIPT = """
+import sys
+from hydra.core.plugins import Plugins
+Plugins.instance()  # hydra executes its plugin modules anew on the first call
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+import eval.grid as grid
+
+revalidated, ran = [], []
+BasicSweeper.validate_batch_is_legal = lambda self, batch: revalidated.extend(batch)
+grid.run_one = lambda cfg: ran.append(cfg.seed)
+grid.main(["-m", "method=pixels,random_init", "seed=0,1", "trainer.epochs=2", "dataset=digits", "hydra/launcher=basic",
+           "results_dir=" + sys.argv[1]])
+print(len(revalidated), sorted(ran))
+"""
+
+
+def test_hydra_sweeper_launches_the_jobs_check_grid_composed(tmp_path):
+    # the real sweeper's job lists are check_grid's, so none is composed a second time
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", _REVALIDATION_SCRIPT, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "0 [0, 0, 1, 1]"
