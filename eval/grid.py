@@ -170,16 +170,19 @@ def start_joblib_workers(launcher: DictConfig) -> Generator[int, None, None]:
     run the grid's jobs. One of them imports what a run needs (about 4 s) while this process
     composes and pre-flights the grid, so the first run starts without that delay. Only one: on
     a machine with two cores, more importing processes would slow the pre-flight by as much.
-    Before the launch, ``wait_for_workers``; if nothing is launched, ``stop_workers``.
+    Before the launch, ``wait_for_workers``; if nothing is launched, ``stop_workers``. With one
+    job at a time joblib runs the jobs in this process, and nothing is started.
     """
     from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed, effective_n_jobs
 
     settings = OmegaConf.to_container(launcher, resolve=True)
     assert isinstance(settings, dict)
     settings.pop("_target_", None)
     settings["backend"] = "loky"  # as the launcher does
     process_joblib_cfg(settings)
+    if effective_n_jobs(settings.get("n_jobs")) < 2:
+        return (pid for pid in ())
     return Parallel(**settings, return_as="generator")([delayed(_prepare_worker)()])
 
 

@@ -344,6 +344,21 @@ def test_the_joblib_pool_started_early_runs_the_jobs():
     assert alive == [] and stopped_in < 2.0  # not after the worker's imports (~4 s)
 
 
+@pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/joblib' is validated")
+def test_one_job_at_a_time_starts_no_pool(monkeypatch):
+    import joblib
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no pool for n_jobs=1")
+
+    monkeypatch.setattr(joblib, "Parallel", refuse)
+    _, _, node = grid._plan_sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=1",
+                                   "method=pixels"])
+    workers = grid.start_joblib_workers(node)
+    assert list(workers) == []
+    grid.stop_workers(workers)
+
+
 # hydra's sweeper does not compose again the jobs that check_grid composed
 def test_hydra_validates_only_the_jobs_that_check_grid_did_not(monkeypatch):
     from hydra.core.plugins import Plugins
