@@ -544,20 +544,21 @@ def main(argv: list[str] | None = None) -> None:
     workers: Generator[int, None, None] | None = None
     try:
         multirun = _is_multirun(argv)
+        joblib = multirun and _launcher(_user_overrides(argv)) == "joblib"
         if multirun:
             # hydra's sweeper launches the default grid's methods only when they are on the
             # command line (configs/config.yaml sweeps the seeds alone)
             default = default_grid_override(_user_overrides(argv))
             argv = [*argv, default] if default else argv
             jobs, world, launcher = _plan_sweep(_user_overrides(argv))
-            if str(launcher.get("_target_", "")).endswith(".JoblibLauncher"):
+            if joblib:
                 workers = start_joblib_workers(launcher)
         else:
             jobs, world = [_user_overrides(argv)], int(os.environ.get("WORLD_SIZE") or 1)
         # Every config resolved and pre-flighted before the first run or SLURM submission.
         sizes: dict[str, int] = {}
         configs = check_grid(jobs, world, multirun=multirun, sizes=sizes)
-        if multirun and _launcher(_user_overrides(argv)) == "joblib":
+        if joblib:
             argv = longest_first(argv, jobs, sizes)
         smoke = any(config.get("smoke") for _, config in configs)
         sweep_dir = None
