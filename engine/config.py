@@ -126,8 +126,9 @@ def _choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_device(value: Any) -> None:
-    # Whether the device exists is checked where the run starts (engine.distributed.pick_device):
-    # a grid may be validated on a login node without the GPUs its jobs will get.
+    # Whether the device exists is checked where the run starts (engine.distributed.pick_device),
+    # and by the grid's pre-flight only for runs on this machine: a grid may be validated on a
+    # login node without the GPUs its jobs will get.
     valid = "valid values: auto, cpu, cuda, cuda:<index>"
     if not isinstance(value, str) or not value:
         raise ConfigError(f"invalid trainer.device={value!r}; {valid}")

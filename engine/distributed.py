@@ -115,6 +115,12 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
             raise DistributedError(
                 f"trainer.device={requested!r} but no CUDA device is available; use auto or cpu"
             )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DistributedError(
+                f"trainer.device={requested!r} but this machine has {count} CUDA device(s); "
+                f"valid: auto, cpu, cuda, cuda:0 to cuda:{count - 1}"
+            )
         if device.index is None:
             # SLURM may hand each task one GPU (gpus_per_task) or the node's GPUs (gpus_per_node)
             device = torch.device("cuda", local_rank % torch.cuda.device_count())

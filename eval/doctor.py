@@ -325,6 +325,7 @@ def check_data(report: Report) -> None:
 def check_grid(report: Report, argv: list[str]) -> None:
     from hydra.errors import HydraException
 
+    from engine.distributed import DistributedError, pick_device
     from eval.grid import (
         USER_ERRORS,
         GridError,
@@ -355,12 +356,16 @@ def check_grid(report: Report, argv: list[str]) -> None:
     devices = sorted({c["trainer"]["device"] for _, c in configs})
     report.ok(f"{len(configs)} run(s) pre-flighted: datasets, backbones, methods and batch sizes "
               f"(trainer.device: {', '.join(devices)})")
-    if torch.cuda.is_available():
-        return
     wanted = [d for d in devices if d.startswith("cuda")]
-    if wanted:
+    if wanted and not torch.cuda.is_available():
         report.fail(f"the grid asks for trainer.device={wanted[0]} and this machine has no CUDA; "
                     "run the doctor on the GPU nodes (e.g. through srun) or use trainer.device=auto")
+        return
+    for device in wanted:
+        try:
+            pick_device(device)
+        except DistributedError as exc:
+            report.fail(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,8 @@ warnings.filterwarnings(
 )
 # Launchers whose jobs print to this process's terminal: the smoke summary does not repeat them.
 _SAME_TERMINAL_LAUNCHERS = ("basic", "joblib")
+# Launchers whose jobs run on other machines: their trainer.device is not checked here.
+_REMOTE_LAUNCHERS = ("submitit_slurm",)
 
 
 class GridError(ValueError):
@@ -250,7 +252,8 @@ def _frozen(value: Any) -> str:
 
 
 def preflight(
-    configs: list[tuple[str, dict[str, Any]]], world: int = 1, sizes: dict[str, int] | None = None
+    configs: list[tuple[str, dict[str, Any]]], world: int = 1, sizes: dict[str, int] | None = None,
+    devices_here: bool = False,
 ) -> list[str]:
     """What can fail at the start of a run, checked once per distinct setting, on the CPU, before
     the first run (or SLURM submission): each dataset is located and its files checked
@@ -262,13 +265,17 @@ def preflight(
     root: its size, and so its batch checks, are known once a run has downloaded it.
 
     ``sizes``, when given, receives each job's (label's) parameter count of its method built on
-    its backbone, momentum copies included, and 0 for a reference row (``longest_first``)."""
+    its backbone, momentum copies included, and 0 for a reference row (``longest_first``).
+
+    ``devices_here``: the runs start on this machine, so each ``trainer.device`` must exist here
+    (``pick_device``). Off for jobs sent to other machines: a login node has no GPUs."""
     import torch
 
     import datasets
     from backbones import build_backbone
     from datasets.views import view_config
     from engine.config import method_options
+    from engine.distributed import DistributedError, pick_device
     from engine.train import TrainingError, check_batch_fits, resolve_compile
     from methods import build_method
 
@@ -283,7 +290,7 @@ def preflight(
                 done[key] = (build(), None)
             except Exception as exc:  # noqa: BLE001 - every failure is reported, none raised
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                if not isinstance(exc, (*USER_ERRORS, TrainingError)):
+                if not isinstance(exc, (*USER_ERRORS, TrainingError, DistributedError)):
                     text = f"{type(exc).__name__}: {text}"  # not one of ours: name its type
                 done[key] = (None, f"{what}{text}")
         built, message = done[key]
@@ -304,6 +311,9 @@ def preflight(
             data, trainer = config["dataset"], config["trainer"]
             if trainer["compile"] is True:
                 once("compile", label, lambda: resolve_compile(True, torch.device("cpu")))
+            if devices_here:
+                once(_frozen(["device", trainer["device"]]), label,
+                     lambda device=trainer["device"]: pick_device(device))
             data_key = _frozen(["dataset", data["name"], data.get("root"),
                                 bool(data.get("download")), data.get("options") or {}])
             # DatasetError messages name the dataset and the root they were given
@@ -363,13 +373,13 @@ def preflight(
 
 def check_grid(
     jobs: list[list[str]], world: int = 1, *, multirun: bool = True,
-    sizes: dict[str, int] | None = None,
+    sizes: dict[str, int] | None = None, devices_here: bool = False,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Resolve every job and pre-flight the grid (``resolve_jobs``, ``preflight``, which fills
-    ``sizes``); the (label, resolved config) of every job, or GridError with one line per
-    distinct problem."""
+    ``sizes`` and checks the devices when ``devices_here``); the (label, resolved config) of
+    every job, or GridError with one line per distinct problem."""
     configs, problems = resolve_jobs(jobs, world, multirun=multirun)
-    problems += preflight(configs, world, sizes)
+    problems += preflight(configs, world, sizes, devices_here)
     if problems:
         raise GridError(problems)
     return configs
@@ -555,9 +565,11 @@ def main(argv: list[str] | None = None) -> None:
                 workers = start_joblib_workers(launcher)
         else:
             jobs, world = [_user_overrides(argv)], int(os.environ.get("WORLD_SIZE") or 1)
-        # Every config resolved and pre-flighted before the first run or SLURM submission.
+        # Every config resolved and pre-flighted before the first run or SLURM submission; the
+        # devices too unless the jobs go to SLURM's nodes.
         sizes: dict[str, int] = {}
-        configs = check_grid(jobs, world, multirun=multirun, sizes=sizes)
+        here = not multirun or _launcher(_user_overrides(argv)) not in _REMOTE_LAUNCHERS
+        configs = check_grid(jobs, world, multirun=multirun, sizes=sizes, devices_here=here)
         if joblib:
             argv = longest_first(argv, jobs, sizes)
         smoke = any(config.get("smoke") for _, config in configs)

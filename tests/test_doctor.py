@@ -97,6 +97,16 @@ def test_a_grid_asking_for_cuda_on_a_cpu_machine_fails(capsys, tmp_path):
     assert "FAIL  the grid asks for trainer.device=cuda and this machine has no CUDA" in out
 
 
+def test_a_grid_asking_for_a_gpu_index_the_machine_lacks_fails(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    report = doctor.Report()
+    doctor.check_grid(report, ["-m", "trainer.device=cuda:0,cuda:5", "seed=0",
+                               f"results_dir={tmp_path}"])
+    assert report.failures == ["trainer.device='cuda:5' but this machine has 2 CUDA device(s); "
+                               "valid: auto, cpu, cuda, cuda:0 to cuda:1"]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_step():
     assert doctor.ddp_step("gloo") is None

@@ -50,6 +50,17 @@ def test_a_grid_reports_every_problem_once_before_any_run(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_missing_cuda_device_is_one_line_before_any_run(tmp_path):
+    # the run itself would find it only in its hydra job, as a traceback
+    result = run_cli(["eval.grid", "trainer.device=cuda", f"results_dir={tmp_path / 'results'}"],
+                     env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: trainer.device='cuda' but no CUDA device is available; use auto or cpu"]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # in process: what is checked, and how often
 # --------------------------------------------------------------------------------------------
@@ -129,6 +140,62 @@ def test_an_unexpected_build_error_is_a_problem_line_naming_its_type(tmp_path, m
     assert line.startswith("backbone test_resnet (stem lowres_pool) on digits's 1-channel 16 px "
                            "images: RuntimeError: out of memory (grid job")
     assert "second line" not in line
+
+
+def test_devices_are_checked_where_the_runs_start(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    configs = _configs([["trainer.device=cuda", "seed=0"], ["trainer.device=cuda", "seed=1"],
+                        ["trainer.device=cpu"]], tmp_path)
+    assert preflight(configs) == []  # jobs for other machines (SLURM): their nodes have the GPUs
+    assert preflight(configs, devices_here=True) == [
+        "trainer.device='cuda' but no CUDA device is available; use auto or cpu (grid job "
+        f"results_dir={tmp_path} trainer.device=cuda seed=0 and 1 more)"]
+
+
+@pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/(joblib|submitit_\\w+)' is validated")
+@pytest.mark.parametrize("launcher, runs_here", [("basic", True), ("joblib", True),
+                                                 ("submitit_local", True),
+                                                 ("submitit_slurm", False)])
+def test_only_slurm_grids_leave_the_device_to_the_nodes(tmp_path, monkeypatch, capsys, launcher,
+                                                        runs_here):
+    import sys
+
+    import torch
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(grid, "start_joblib_workers", lambda node: (pid for pid in ()))
+    monkeypatch.setattr(grid, "_hydra_main", lambda: launched.append(list(sys.argv[1:])))
+    monkeypatch.setattr(sys, "argv", ["grid"])
+    argv = ["-m", f"hydra/launcher={launcher}", "method=simclr", "seed=0", "trainer.device=cuda",
+            f"results_dir={tmp_path}"]
+    if runs_here:
+        with pytest.raises(SystemExit) as exit_info:
+            grid.main(argv)
+        assert exit_info.value.code == 2
+        assert "error: trainer.device='cuda' but no CUDA device is available" in (
+            capsys.readouterr().err)
+        assert launched == []
+    else:
+        grid.main(argv)
+        assert len(launched) == 1
+
+
+def test_a_cuda_index_beyond_the_devices_is_refused(monkeypatch):
+    import torch
+
+    from engine.distributed import DistributedError, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert pick_device("cuda", local_rank=3) == torch.device("cuda", 1)
+    with pytest.raises(DistributedError) as error:
+        pick_device("cuda:2")
+    assert str(error.value) == ("trainer.device='cuda:2' but this machine has 2 CUDA device(s); "
+                                "valid: auto, cpu, cuda, cuda:0 to cuda:1")
 
 
 def test_smoke_is_a_flag_outside_the_run_hash(tmp_path):
