@@ -869,6 +869,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     configure_host_allocator()  # as every run's process has it (engine.distributed.setup)
     want = set(args.only or SECTIONS)
+    grid = None
+    if "grid" in want:
+        print("[bench] grid …", file=sys.stderr)
+        grid = grid_wall_time(Path(args.runs))
+    if "grid" in want and grid is None:
+        # said before a quarter of an hour of measurements, and before the README is rewritten
+        missing = (f"no finished run of the default grid under {args.runs}: run `python -m "
+                   "eval.grid -m` first, or pass --runs DIR")
+        if want == {"grid"}:
+            print(f"error: {missing}", file=sys.stderr)
+            sys.exit(2)
+        if args.write_readme:
+            print(f"error: {missing}; --write-readme would leave the grid's figures out of the "
+                  "README (name the other sections with --only to write them without it)",
+                  file=sys.stderr)
+            sys.exit(2)
+        print(f"warning: {missing}; the grid section is left out", file=sys.stderr)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
     }
@@ -880,10 +897,9 @@ def main(argv: list[str] | None = None) -> None:
         if name in want:
             print(f"[bench] {name} …", file=sys.stderr)
             results[name] = fn(args.quick)
-    if "grid" in want:
-        print("[bench] grid …", file=sys.stderr)
-        results["grid"] = grid = grid_wall_time(Path(args.runs))
-        if grid and grid["steps"]:
+    if grid is not None:
+        results["grid"] = grid
+        if grid["steps"]:
             steps_rows = results.get("steps") or []
             rate = steps_rows[0]["sgemm_gflops"] if steps_rows else sgemm_gflops()
             grid["floor"] = grid_compute_floor(grid["steps"], rate)

@@ -72,3 +72,50 @@ def test_the_compute_floor_is_the_recorded_steps_times_each_presets_step_flops(t
 def test_a_preset_of_another_method_is_refused():
     with pytest.raises(ValueError, match="preset 'moco' is method 'moco', not 'simclr'"):
         build_method_step("simclr", "digits", "moco")
+
+
+@pytest.fixture
+def bench_main(monkeypatch):
+    """``eval.bench.main`` without its process settings (threads, malloc), which would outlive the
+    test, and with every measured section refused: the cases below must not reach them."""
+    from eval import bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("a section was measured")
+
+    monkeypatch.setattr(bench.torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(bench, "configure_host_allocator", lambda: True)
+    for name in ("bench_augmentation", "bench_losses", "bench_large_groups", "bench_train_steps",
+                 "bench_eval"):
+        monkeypatch.setattr(bench, name, measured)
+    return bench
+
+
+@pytest.mark.parametrize("argv, also", [
+    (["--only", "grid"], ""),
+    (["--write-readme"], "; --write-readme would leave the grid's figures out of the README"),
+])
+def test_the_grid_section_without_records_stops_before_measuring(tmp_path, bench_main, capsys,
+                                                                 argv, also):
+    readme = bench_main.README.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main.main([*argv, "--runs", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (f"error: no finished run of the default grid under {tmp_path / 'runs'}: run `python "
+            f"-m eval.grid -m` first, or pass --runs DIR{also}") in err
+    assert bench_main.README.read_bytes() == readme
+
+
+def test_other_sections_are_measured_without_the_grid(tmp_path, bench_main, monkeypatch, capsys):
+    rendered: dict = {}
+    monkeypatch.setattr(bench_main, "bench_losses", lambda quick: ["losses measured"])
+    monkeypatch.setattr(bench_main, "render", lambda results: rendered.update(results) or "table")
+    bench_main.main(["--only", "losses", "grid", "--runs", str(tmp_path / "runs")])
+    assert rendered["losses"] == ["losses measured"] and "grid" not in rendered
+    out, err = capsys.readouterr()
+    assert out == "table\n"
+    assert err.splitlines()[-2] == (f"warning: no finished run of the default grid under "
+                                    f"{tmp_path / 'runs'}: run `python -m eval.grid -m` first, "
+                                    "or pass --runs DIR; the grid section is left out")
