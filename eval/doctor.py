@@ -330,15 +330,19 @@ def check_grid(report: Report, argv: list[str]) -> None:
         USER_ERRORS,
         GridError,
         _is_multirun,
+        _launcher,
         _user_overrides,
         default_grid_override,
         expand_sweep,
+        launcher_problems,
     )
     from eval.grid import check_grid as preflight_grid
 
     report.section("grid")
     overrides = _user_overrides(argv)
     multirun = _is_multirun(argv)
+    for problem in launcher_problems(_launcher(overrides)) if multirun else []:
+        report.fail(problem)
     try:
         if multirun:
             default = default_grid_override(overrides)

@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Generator, Iterator, Sequence
@@ -514,6 +515,19 @@ def _launcher(overrides: list[str]) -> str:
     return chosen[-1] if chosen else "basic"
 
 
+def launcher_problems(launcher: str) -> list[str]:
+    """What stops ``hydra/launcher=<launcher>`` on this machine before anything is submitted:
+    SLURM's commands, which submitit calls, must be on PATH."""
+    if launcher != "submitit_slurm":
+        return []
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if not missing:
+        return []
+    return [f"hydra/launcher=submitit_slurm needs SLURM's {' and '.join(missing)} on PATH; run "
+            "the grid on the cluster's login node, or on this machine with "
+            "hydra/launcher=joblib or submitit_local"]
+
+
 def _sweep_dir(overrides: list[str]) -> str:
     """hydra.sweep.dir resolved once (its ${now:...} included), so that every job of the sweep and
     this process agree on it."""
@@ -556,6 +570,9 @@ def main(argv: list[str] | None = None) -> None:
         multirun = _is_multirun(argv)
         joblib = multirun and _launcher(_user_overrides(argv)) == "joblib"
         if multirun:
+            problems = launcher_problems(_launcher(_user_overrides(argv)))
+            if problems:
+                raise GridError(problems)
             # hydra's sweeper launches the default grid's methods only when they are on the
             # command line (configs/config.yaml sweeps the seeds alone)
             default = default_grid_override(_user_overrides(argv))

@@ -107,6 +107,18 @@ def test_a_grid_asking_for_a_gpu_index_the_machine_lacks_fails(capsys, tmp_path,
                                "valid: auto, cpu, cuda, cuda:0 to cuda:1"]
 
 
+def test_a_slurm_grid_without_slurm_commands_fails(tmp_path, monkeypatch):
+    import eval.grid as grid
+
+    monkeypatch.setattr(grid.shutil, "which", lambda command: None)
+    report = doctor.Report()
+    doctor.check_grid(report, ["-m", "hydra/launcher=submitit_slurm", "seed=0",
+                               f"results_dir={tmp_path}"])
+    assert report.failures == ["hydra/launcher=submitit_slurm needs SLURM's sbatch and srun on "
+                               "PATH; run the grid on the cluster's login node, or on this "
+                               "machine with hydra/launcher=joblib or submitit_local"]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_step():
     assert doctor.ddp_step("gloo") is None

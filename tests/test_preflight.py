@@ -166,6 +166,7 @@ def test_only_slurm_grids_leave_the_device_to_the_nodes(tmp_path, monkeypatch, c
 
     launched: list[list[str]] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(grid.shutil, "which", lambda command: f"/usr/bin/{command}")  # SLURM's
     monkeypatch.setattr(grid, "start_joblib_workers", lambda node: (pid for pid in ()))
     monkeypatch.setattr(grid, "_hydra_main", lambda: launched.append(list(sys.argv[1:])))
     monkeypatch.setattr(sys, "argv", ["grid"])
@@ -181,6 +182,26 @@ def test_only_slurm_grids_leave_the_device_to_the_nodes(tmp_path, monkeypatch, c
     else:
         grid.main(argv)
         assert len(launched) == 1
+
+
+@pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_slurm' is validated")
+def test_a_slurm_grid_without_slurm_commands_is_one_line_before_anything(tmp_path, monkeypatch,
+                                                                        capsys):
+    import sys
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(grid.shutil, "which",
+                        lambda command: None if command == "srun" else f"/usr/bin/{command}")
+    monkeypatch.setattr(grid, "_hydra_main", lambda: launched.append(list(sys.argv[1:])))
+    with pytest.raises(SystemExit) as exit_info:
+        grid.main(["-m", "hydra/launcher=submitit_slurm", "method=simclr", "seed=0",
+                   f"results_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: hydra/launcher=submitit_slurm needs SLURM's srun on PATH; run the grid on the "
+        "cluster's login node, or on this machine with hydra/launcher=joblib or submitit_local"]
+    assert launched == [] and not (tmp_path / "runs").exists()
+    assert grid.launcher_problems("joblib") == grid.launcher_problems("submitit_local") == []
 
 
 def test_a_cuda_index_beyond_the_devices_is_refused(monkeypatch):
