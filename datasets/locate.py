@@ -28,7 +28,7 @@ class Layout:
     describe: str
     basename: str | None = None
     default_roots: tuple[str, ...] = ()
-    not_found_hint: str = " (pass download=True to fetch it)"
+    not_found_hint: str = " (dataset.download=true fetches it; download=True in Python)"
     not_found_what: str | None = None
 
 
@@ -78,7 +78,10 @@ def download_root(root: str | os.PathLike | None, name: str, folder: str) -> str
     """The directory a torchvision download writes into: ``root``, or its parent when ``root`` is
     the dataset folder itself (named ``folder``)."""
     if root is None:
-        raise DatasetError(f"{name}: download=True needs root, the directory to download into")
+        raise DatasetError(
+            f"{name}: dataset.download=true (download=True in Python) needs dataset.root, the "
+            "directory to download into"
+        )
     root = os.path.expanduser(os.fspath(root))
     if os.path.basename(os.path.normpath(root)) == folder:
         root = os.path.dirname(os.path.normpath(root))

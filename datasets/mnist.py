@@ -59,7 +59,7 @@ class IdxFormat:
             f"<root>/{self.folder}/raw/{{{files}}} (each may be .gz), as torchvision writes it, "
             "or root pointing at the folder holding the four files"
         )
-        hint = " (pass download=True to fetch it"
+        hint = " (dataset.download=true fetches it; download=True in Python"
         if self.default_roots:
             hint += ", or leave root unset to read the Debian package dataset-fashion-mnist"
         hint += ")"

@@ -137,7 +137,7 @@ def test_download_goes_through_torchvision(tmp_path: Path, monkeypatch: pytest.M
             _write_idx_folder(Path(root) / "KMNIST" / "raw", _tiny_arrays(), gz=True)
 
     monkeypatch.setattr(tvd, "KMNIST", FakeKMNIST)
-    with pytest.raises(DatasetError, match=r"no KMNIST/raw/ under .*pass download=True"):
+    with pytest.raises(DatasetError, match=r"no KMNIST/raw/ under .*dataset.download=true fetches"):
         load_dataset("kmnist", tmp_path)  # nothing there, and no download asked for
     assert calls == []
     bundle = load_dataset("kmnist", tmp_path, download=True)
@@ -145,7 +145,8 @@ def test_download_goes_through_torchvision(tmp_path: Path, monkeypatch: pytest.M
     # root pointing at KMNIST/ itself downloads into its parent.
     load_dataset("kmnist", tmp_path / "KMNIST", download=True)
     assert calls[-1][0] == str(tmp_path)
-    with pytest.raises(DatasetError, match="download=True needs root"):
+    with pytest.raises(DatasetError,
+                       match=r"download=true \(download=True in Python\) needs dataset\.root"):
         load_dataset("kmnist", None, download=True)
 
 
@@ -264,7 +265,8 @@ def test_check_dataset_names_and_options(tmp_path: Path) -> None:
         check_dataset("mnist", tmp_path, cache=False)
     # With download, only the root it needs is checked.
     check_dataset("fashion_mnist", tmp_path / "not-yet", download=True)
-    with pytest.raises(DatasetError, match="download=True needs root"):
+    with pytest.raises(DatasetError,
+                       match=r"download=true \(download=True in Python\) needs dataset\.root"):
         check_dataset("cifar10", None, download=True)
 
 
