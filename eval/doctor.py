@@ -341,8 +341,9 @@ def check_grid(report: Report, argv: list[str]) -> None:
     report.section("grid")
     overrides = _user_overrides(argv)
     multirun = _is_multirun(argv)
-    for problem in launcher_problems(_launcher(overrides)) if multirun else []:
-        report.fail(problem)
+    if multirun:
+        for problem in launcher_problems(_launcher(overrides)):
+            report.fail(problem)
     try:
         if multirun:
             default = default_grid_override(overrides)

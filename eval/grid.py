@@ -568,9 +568,11 @@ def main(argv: list[str] | None = None) -> None:
     workers: Generator[int, None, None] | None = None
     try:
         multirun = _is_multirun(argv)
-        joblib = multirun and _launcher(_user_overrides(argv)) == "joblib"
+        # a single run runs here, in this process
+        launcher_name = _launcher(_user_overrides(argv)) if multirun else "basic"
+        joblib = launcher_name == "joblib"
         if multirun:
-            problems = launcher_problems(_launcher(_user_overrides(argv)))
+            problems = launcher_problems(launcher_name)
             if problems:
                 raise GridError(problems)
             # hydra's sweeper launches the default grid's methods only when they are on the
@@ -585,8 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         # Every config resolved and pre-flighted before the first run or SLURM submission; the
         # devices too unless the jobs go to SLURM's nodes.
         sizes: dict[str, int] = {}
-        here = not multirun or _launcher(_user_overrides(argv)) not in _REMOTE_LAUNCHERS
-        configs = check_grid(jobs, world, multirun=multirun, sizes=sizes, devices_here=here)
+        configs = check_grid(jobs, world, multirun=multirun, sizes=sizes,
+                             devices_here=launcher_name not in _REMOTE_LAUNCHERS)
         if joblib:
             argv = longest_first(argv, jobs, sizes)
         smoke = any(config.get("smoke") for _, config in configs)
@@ -607,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         with skip_revalidation(jobs):
             _hydra_main()
         if smoke:
-            echo = _launcher(_user_overrides(argv)) not in _SAME_TERMINAL_LAUNCHERS
+            echo = launcher_name not in _SAME_TERMINAL_LAUNCHERS
             sys.exit(smoke_summary(len(jobs), sweep_dir, echo=echo))
     except GridError as exc:
         for line in exc.problems:

@@ -107,6 +107,7 @@ def test_a_grid_asking_for_a_gpu_index_the_machine_lacks_fails(capsys, tmp_path,
                                "valid: auto, cpu, cuda, cuda:0 to cuda:1"]
 
 
+@pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_slurm' is validated")
 def test_a_slurm_grid_without_slurm_commands_fails(tmp_path, monkeypatch):
     import eval.grid as grid
 
