@@ -1299,10 +1299,15 @@ def build_report(
 ) -> Report:
     """Every table of the report from the records under ``runs_dir`` (only ``datasets`` if given)."""
     record_set = load_records(runs_dir)
+    elsewhere: set[str] = set()
     if datasets:
+        elsewhere = {str(r["dataset"]) for r in record_set.records
+                     if r.get("dataset") and r.get("dataset") not in datasets}
         record_set.records = [r for r in record_set.records if r.get("dataset") in datasets]
         _filter_problems(record_set, Path(runs_dir), datasets)
     report = Report(records=record_set.records)
+    if elsewhere:
+        report.notes["other_datasets"] = ", ".join(sorted(elsewhere))
     presets = presets or default_presets()
     cells = build_cells(record_set.records, presets)
     report.cells = cells
@@ -1486,7 +1491,9 @@ def render_markdown(report: Report, command: str = DEFAULT_COMMAND) -> str:
     ]
     main = report.tables.get("main")
     if main is None or main.empty:
-        out += ["No finished runs yet.", ""]
+        others = report.notes.get("other_datasets")
+        out += ["No finished runs yet." + (f" The directory's other records are of {others}."
+                                           if others else ""), ""]
     else:
         for dataset in sorted(main["dataset"].unique()):
             out += _render_dataset(report, dataset)

@@ -520,6 +520,14 @@ def test_dataset_filter(tmp_path, capsys):
     assert exit_code.value.code == 2
     err = capsys.readouterr().err
     assert "unknown dataset fashion" in err and "fashion_mnist" in err
+    # a dataset with no records here says which datasets the directory does hold
+    main(["--runs", str(runs), "--dataset", "cifar10", "--plots-dir", "none"])
+    text = capsys.readouterr().out
+    assert ("No finished runs yet. The directory's other records are of digits, fashion_mnist."
+            in text.splitlines())
+    (tmp_path / "empty").mkdir()
+    main(["--runs", str(tmp_path / "empty"), "--plots-dir", "none"])
+    assert "No finished runs yet." in capsys.readouterr().out.splitlines()
 
 
 def test_one_seed_comparison_uses_the_bootstrap_for_power(tmp_path):
