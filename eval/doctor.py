@@ -325,14 +325,12 @@ def check_data(report: Report) -> None:
 def check_grid(report: Report, argv: list[str]) -> None:
     from hydra.errors import HydraException
 
-    from engine.distributed import DistributedError, pick_device
     from eval.grid import (
         USER_ERRORS,
         GridError,
         _is_multirun,
         _launcher,
         _user_overrides,
-        default_grid_override,
         expand_sweep,
         launcher_problems,
     )
@@ -345,12 +343,10 @@ def check_grid(report: Report, argv: list[str]) -> None:
         for problem in launcher_problems(_launcher(overrides)):
             report.fail(problem)
     try:
-        if multirun:
-            default = default_grid_override(overrides)
-            jobs, world = expand_sweep([*overrides, default] if default else overrides)
-        else:
-            jobs, world = [overrides], 1
-        configs = preflight_grid(jobs, world, multirun=multirun)
+        jobs, world = expand_sweep(overrides) if multirun else ([overrides], 1)
+        # with CUDA here, the devices are checked as for a run on this machine (GPU indices)
+        configs = preflight_grid(jobs, world, multirun=multirun,
+                                 devices_here=torch.cuda.is_available())
     except GridError as exc:
         for line in exc.problems:
             report.fail(line)
@@ -361,16 +357,12 @@ def check_grid(report: Report, argv: list[str]) -> None:
     devices = sorted({c["trainer"]["device"] for _, c in configs})
     report.ok(f"{len(configs)} run(s) pre-flighted: datasets, backbones, methods and batch sizes "
               f"(trainer.device: {', '.join(devices)})")
+    if torch.cuda.is_available():
+        return
     wanted = [d for d in devices if d.startswith("cuda")]
-    if wanted and not torch.cuda.is_available():
+    if wanted:
         report.fail(f"the grid asks for trainer.device={wanted[0]} and this machine has no CUDA; "
                     "run the doctor on the GPU nodes (e.g. through srun) or use trainer.device=auto")
-        return
-    for device in wanted:
-        try:
-            pick_device(device)
-        except DistributedError as exc:
-            report.fail(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
