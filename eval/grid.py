@@ -31,7 +31,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -528,6 +528,70 @@ def launcher_problems(launcher: str) -> list[str]:
             "hydra/launcher=joblib or submitit_local"]
 
 
+class SubmissionRefused(BaseException):
+    """sbatch refused the grid's submission; ``problems`` are its lines. A BaseException because
+    hydra turns every Exception its launcher raises into a traceback and exit status 1; this one
+    passes through to ``main``, which prints one error and exits 2."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _slurm_partitions() -> str | None:
+    """SLURM's partitions as ``sinfo`` lists them, or None when it does not answer."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True,
+                             timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = list(dict.fromkeys(out.stdout.split())) if out.returncode == 0 else []
+    return ", ".join(f"{n[:-1]} (the default)" if n.endswith("*") else n for n in names) or None
+
+
+@contextmanager
+def slurm_refusals(n_jobs: int) -> Iterator[None]:
+    """While active, an ``sbatch`` that exits non-zero (an unknown partition, a time limit or
+    account the cluster refuses, an unreachable controller) raises ``SubmissionRefused`` with
+    sbatch's own message and the cluster's partitions, instead of submitit printing that message
+    and hydra a traceback. The grid is one job array, so nothing was submitted."""
+    import io
+    from contextlib import redirect_stderr
+
+    from submitit.core.utils import FailedJobError
+    from submitit.slurm.slurm import SlurmExecutor
+
+    submit = SlurmExecutor._submit_command
+
+    def checked(self: SlurmExecutor, command: str) -> Any:
+        printed = io.StringIO()  # submitit prints sbatch's stderr itself before raising
+        try:
+            with redirect_stderr(printed):
+                job = submit(self, command)
+        except FailedJobError as exc:
+            said = [line.strip() for line in (str(exc) or printed.getvalue()).splitlines()
+                    if line.strip()] or ["it gave no message"]
+            partitions = _slurm_partitions()
+            where = f"; SLURM's partitions: {partitions}" if partitions else ""
+            raise SubmissionRefused(
+                [f"sbatch refused the grid's {n_jobs}-job array, so nothing was submitted: "
+                 f"{'; '.join(said)} (the hydra.launcher.* settings go to sbatch{where})"]
+            ) from exc
+        except BaseException:
+            sys.stderr.write(printed.getvalue())
+            raise
+        sys.stderr.write(printed.getvalue())
+        return job
+
+    SlurmExecutor._submit_command = checked  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SlurmExecutor._submit_command = submit  # type: ignore[method-assign]
+
+
 def _sweep_dir(overrides: list[str]) -> str:
     """hydra.sweep.dir resolved once (its ${now:...} included), so that every job of the sweep and
     this process agree on it."""
@@ -606,12 +670,14 @@ def main(argv: list[str] | None = None) -> None:
         if workers is not None:
             wait_for_workers(workers)
         sys.argv = [sys.argv[0], *argv]
-        with skip_revalidation(jobs):
+        refusals = slurm_refusals(len(jobs)) if launcher_name == "submitit_slurm" else (
+            nullcontext())
+        with skip_revalidation(jobs), refusals:
             _hydra_main()
         if smoke:
             echo = launcher_name not in _SAME_TERMINAL_LAUNCHERS
             sys.exit(smoke_summary(len(jobs), sweep_dir, echo=echo))
-    except GridError as exc:
+    except (GridError, SubmissionRefused) as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

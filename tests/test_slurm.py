@@ -258,6 +258,83 @@ def test_failed_run_is_recorded_and_a_resubmission_reruns_only_it(tmp_path):
     assert records[1]["status"] == "finished"
 
 
+def _fake_slurm(bin_dir: Path, sbatch_says: str, status: int) -> dict[str, str]:
+    """SLURM's three commands as scripts: an sbatch that prints ``sbatch_says`` to stderr and
+    exits ``status``, an srun that does nothing, an sinfo that lists partitions debug (the
+    default) and low; the environment that puts them first on PATH."""
+    bin_dir.mkdir()
+    scripts = {
+        "sbatch": f"cat >&2 <<'EOF'\n{sbatch_says}\nEOF\nexit {status}\n",
+        "srun": "exit 0\n",
+        "sinfo": "printf 'debug*\\nlow\\nlow\\n'\n",
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_a_submission_sbatch_refuses_is_one_line(tmp_path):
+    refusal = ("sbatch: error: invalid partition specified: gpu\n"
+               "sbatch: error: Batch job submission failed: Invalid partition name specified")
+    env = _fake_slurm(tmp_path / "bin", refusal, 1)
+    result = run_cli(["eval.grid", "-m", "method=simclr", "seed=0,1", f"results_dir={tmp_path}",
+                      *TINY, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+                     env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "sbatch: error" not in result.stdout
+    assert result.stderr.splitlines() == [
+        "[groupbench] grid of 2 runs validated",
+        "error: sbatch refused the grid's 2-job array, so nothing was submitted: sbatch: error: "
+        "invalid partition specified: gpu; sbatch: error: Batch job submission failed: Invalid "
+        "partition name specified (the hydra.launcher.* settings go to sbatch; SLURM's "
+        "partitions: debug (the default), low)",
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_slurm_refusals_leaves_other_failures_and_the_executor_as_they_were(monkeypatch):
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from eval.grid import SubmissionRefused, slurm_refusals
+
+    original = SlurmExecutor._submit_command
+    outcomes = iter([FailedSubmissionError("could not parse"), FailedJobError("")])
+
+    def fake_submit(self, command):
+        raise next(outcomes)
+
+    monkeypatch.setattr(SlurmExecutor, "_submit_command", fake_submit)
+    monkeypatch.setattr("eval.grid._slurm_partitions", lambda: None)
+    with slurm_refusals(3):
+        # sbatch answered but submitit could not read a job id: a job may exist, not a refusal
+        with pytest.raises(FailedSubmissionError):
+            SlurmExecutor._submit_command(None, "x")
+        with pytest.raises(SubmissionRefused) as refused:
+            SlurmExecutor._submit_command(None, "x")
+    assert refused.value.problems == [
+        "sbatch refused the grid's 3-job array, so nothing was submitted: it gave no message "
+        "(the hydra.launcher.* settings go to sbatch)"]
+    assert SlurmExecutor._submit_command is fake_submit
+    monkeypatch.undo()
+    assert SlurmExecutor._submit_command is original
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(SLURM_MISSING is not None, reason=str(SLURM_MISSING))
+def test_an_unknown_partition_is_refused_in_one_line_naming_the_partitions(tmp_path):
+    result = run_cli(["eval.grid", "-m", "method=simclr", "seed=0", f"results_dir={tmp_path}",
+                      *TINY, *DEBUG, "hydra.launcher.partition=no_such_partition"], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: sbatch refused the grid's 1-job array, so nothing was submitted")
+    assert "partition" in line.lower() and "no_such_partition" in line
+    assert "SLURM's partitions: " in line and "debug" in line.split("SLURM's partitions: ")[1]
+    assert not (tmp_path / "runs").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # smoke mode through the launchers: each job smoke-tests its config, the submitting process
 # prints every job's line and the total; no run is written
