@@ -254,7 +254,7 @@ def _frozen(value: Any) -> str:
 
 def preflight(
     configs: list[tuple[str, dict[str, Any]]], world: int = 1, sizes: dict[str, int] | None = None,
-    devices_here: bool = False,
+    devices_here: bool = False, downloads: bool = False,
 ) -> list[str]:
     """What can fail at the start of a run, checked once per distinct setting, on the CPU, before
     the first run (or SLURM submission): each dataset is located and its files checked
@@ -262,8 +262,13 @@ def preflight(
     on it, each batch size checked against the dataset, the processes and the method
     (``engine.train.check_batch_fits``), each method's augmentations resolved for the dataset.
     Returns one line per distinct problem (the bad value and what was expected); nothing is
-    written. A dataset that would be downloaded (``dataset.download=true``) is only checked for a
-    root: its size, and so its batch checks, are known once a run has downloaded it.
+    written under ``results_dir``.
+
+    ``downloads``: a dataset with ``dataset.download=true`` is downloaded here, once for the grid
+    (torchvision skips files already there and intact), and then checked like any other: the runs
+    find it in place instead of each fetching it, side by side into the same folder, and a
+    failed download is one problem line before any run. Without it (``eval.doctor``), such a
+    dataset is only checked for a root: its size, and so its batch checks, are unknown.
 
     ``sizes``, when given, receives each job's (label's) parameter count of its method built on
     its backbone, momentum copies included, and 0 for a reference row (``longest_first``).
@@ -301,10 +306,11 @@ def preflight(
 
     def load(data: dict[str, Any]) -> Any:
         name, options = data["name"], data.get("options") or {}
-        datasets.check_dataset(name, data.get("root"), bool(data.get("download")), **options)
-        if data.get("download"):
+        download = bool(data.get("download"))
+        datasets.check_dataset(name, data.get("root"), download, **options)
+        if download and not downloads:
             return None  # loading would download it
-        return datasets.load_dataset(name, data.get("root"), False, **options)
+        return datasets.load_dataset(name, data.get("root"), download, **options)
 
     by_method: dict[str, list[tuple[str, dict[str, Any], Any, Any, str]]] = {}
     with torch.random.fork_rng(devices=[]):  # the runs seed themselves; leave no trace anyway
@@ -374,13 +380,13 @@ def preflight(
 
 def check_grid(
     jobs: list[list[str]], world: int = 1, *, multirun: bool = True,
-    sizes: dict[str, int] | None = None, devices_here: bool = False,
+    sizes: dict[str, int] | None = None, devices_here: bool = False, downloads: bool = False,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Resolve every job and pre-flight the grid (``resolve_jobs``, ``preflight``, which fills
-    ``sizes`` and checks the devices when ``devices_here``); the (label, resolved config) of
-    every job, or GridError with one line per distinct problem."""
+    ``sizes``, checks the devices when ``devices_here`` and downloads when ``downloads``); the
+    (label, resolved config) of every job, or GridError with one line per distinct problem."""
     configs, problems = resolve_jobs(jobs, world, multirun=multirun)
-    problems += preflight(configs, world, sizes, devices_here)
+    problems += preflight(configs, world, sizes, devices_here, downloads)
     if problems:
         raise GridError(problems)
     return configs
@@ -649,10 +655,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             jobs, world = [_user_overrides(argv)], int(os.environ.get("WORLD_SIZE") or 1)
         # Every config resolved and pre-flighted before the first run or SLURM submission; the
-        # devices too unless the jobs go to SLURM's nodes.
+        # devices too unless the jobs go to SLURM's nodes; downloads done here, once (on a
+        # cluster, the login node's network and the shared data root).
         sizes: dict[str, int] = {}
         configs = check_grid(jobs, world, multirun=multirun, sizes=sizes,
-                             devices_here=launcher_name not in _REMOTE_LAUNCHERS)
+                             devices_here=launcher_name not in _REMOTE_LAUNCHERS, downloads=True)
         if joblib:
             argv = longest_first(argv, jobs, sizes)
         smoke = any(config.get("smoke") for _, config in configs)

@@ -154,6 +154,63 @@ def test_devices_are_checked_where_the_runs_start(tmp_path, monkeypatch):
         f"results_dir={tmp_path} trainer.device=cuda seed=0 and 1 more)"]
 
 
+def _download_jobs(data, batch_size: int = 8) -> list[list[str]]:
+    return [["dataset=cifar10", f"dataset.root={data}", "dataset.download=true", "method=simclr",
+             f"trainer.batch_size={batch_size}", f"seed={seed}"] for seed in (0, 1)]
+
+
+def test_a_download_happens_once_in_the_preflight_and_is_then_checked(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import torchvision.datasets as tvd
+
+    from tests.test_datasets import _write_cifar10
+
+    calls: list[str] = []
+
+    class FakeCIFAR10:  # torchvision's: fetches what is missing, verifies what is there
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            calls.append(root)
+            if not (Path(root) / "cifar-10-batches-py").exists():
+                _write_cifar10(Path(root))  # 20 pre-training images
+
+    monkeypatch.setattr(tvd, "CIFAR10", FakeCIFAR10)
+    data = tmp_path / "data"
+    configs = _configs(_download_jobs(data), tmp_path)
+    assert preflight(configs) == [] and calls == []  # eval.doctor's way: a root is enough
+    assert preflight(configs, downloads=True) == [] and calls == [str(data)]  # once, two jobs
+    # downloaded, the dataset is checked like any other: 20 images cannot fill a batch of 32
+    assert preflight(_configs(_download_jobs(data, 32), tmp_path), downloads=True) == [
+        "trainer.batch_size=32 exceeds the 20 pre-training images of cifar10; use at most 20 "
+        f"(grid job results_dir={tmp_path} dataset=cifar10 dataset.root={data} "
+        "dataset.download=true method=simclr trainer.batch_size=32 seed=0 and 1 more)"]
+
+
+def test_a_failed_download_is_one_line_before_any_run(tmp_path, monkeypatch, capsys):
+    import sys
+    from urllib.error import URLError
+
+    import torchvision.datasets as tvd
+
+    class OfflineCIFAR10:
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(tvd, "CIFAR10", OfflineCIFAR10)
+    monkeypatch.setattr(grid, "_hydra_main", lambda: launched.append(list(sys.argv[1:])))
+    data, results = tmp_path / "data", tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        grid.main(["-m", f"results_dir={results}", *_download_jobs(data)[0][:-1], "seed=0,1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: cifar10: download into '{data}' failed (<urlopen error [Errno -3] Temporary "
+        f"failure in name resolution>) (grid job seed=0 results_dir={results} dataset=cifar10 "
+        f"dataset.root={data} dataset.download=True method=simclr trainer.batch_size=8 and 1 "
+        "more)"]
+    assert launched == [] and not results.exists()
+
+
 @pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/(joblib|submitit_\\w+)' is validated")
 @pytest.mark.parametrize("launcher, runs_here", [("basic", True), ("joblib", True),
                                                  ("submitit_local", True),
