@@ -44,9 +44,11 @@ RESULTS_DIR_HINT = "Choose a writable results_dir (e.g. results_dir=/tmp/groupbe
 def check_writable_dir(path: str | os.PathLike, *, hint: str = RESULTS_DIR_HINT) -> None:
     """Raise ResultsDirError unless ``path`` is, or could be created as, a writable directory.
 
-    Nothing is created: the nearest existing ancestor must be a directory this process may write
-    into (a regular file in the way, a read-only mount or missing permissions all fail here, not
-    when the first checkpoint is written after an epoch of training).
+    Nothing is left behind: the nearest existing ancestor must be a directory this process may
+    write into (a regular file in the way, a read-only mount or missing permissions all fail here,
+    not when the first checkpoint is written after an epoch of training), and a probe directory is
+    made in it and removed again. The probe catches what permission bits do not show: root may
+    write anywhere by them, yet not into ``/proc`` or a full disk.
     """
     path = Path(path).expanduser().absolute()
     existing = path
@@ -58,6 +60,14 @@ def check_writable_dir(path: str | os.PathLike, *, hint: str = RESULTS_DIR_HINT)
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ResultsDirError(f"cannot write {path}: {existing} is not writable. {hint}")
+    try:
+        probe = tempfile.mkdtemp(dir=existing, prefix=".groupbench-write-check-")
+    except OSError as exc:
+        raise ResultsDirError(
+            f"cannot write {path}: nothing can be created in {existing} "
+            f"({exc.strerror or exc}). {hint}"
+        ) from exc
+    os.rmdir(probe)
 
 
 def _umask() -> int:

@@ -28,7 +28,7 @@ from eval import report
 from eval.knn import knn_top1
 from methods import MethodConfigError, build_method
 from methods.simclr import SimCLR
-from tests.conftest import REPO, compose_config
+from tests.conftest import REPO, compose_config, run_cli
 from tests.tiny import make_record
 
 FAST = ["trainer.progress=false", "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
@@ -408,6 +408,36 @@ def test_unwritable_results_directory(tmp_path):
     assert "Choose a writable results_dir" in str(err.value)
     with pytest.raises(ResultsDirError, match="is a file, not a directory"):
         run(compose_config([f"results_dir={blocker}/results", *FAST]))
+
+
+def test_a_results_directory_nothing_can_be_created_in(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from engine.io import check_writable_dir
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    check_writable_dir(tmp_path / "results")
+    assert list(tmp_path.iterdir()) == []  # the probe is removed, the directory not created
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    with pytest.raises(ResultsDirError) as err:
+        check_writable_dir(tmp_path / "results")
+    assert str(err.value) == (
+        f"cannot write {tmp_path / 'results'}: nothing can be created in {tmp_path} (No space "
+        "left on device). Choose a writable results_dir (e.g. "
+        "results_dir=/tmp/groupbench-results).")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or not os.access("/proc", os.W_OK),
+                    reason="needs Linux's /proc, which permission bits call writable for root")
+def test_a_results_directory_under_proc_is_one_line_and_no_traceback(tmp_path):
+    result = run_cli(["eval.grid", "results_dir=/proc/groupbench", *FAST])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        "error: cannot write /proc/groupbench: nothing can be created in /proc (No such file or "
+        "directory). Choose a writable results_dir (e.g. results_dir=/tmp/groupbench-results)."]
 
 
 def test_knn_k_larger_than_bank():
