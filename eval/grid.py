@@ -577,8 +577,10 @@ def slurm_refusals(n_jobs: int) -> Iterator[None]:
             with redirect_stderr(printed):
                 job = submit(self, command)
         except FailedJobError as exc:
-            said = [line.strip() for line in (str(exc) or printed.getvalue()).splitlines()
-                    if line.strip()] or ["it gave no message"]
+            # sbatch's stderr, else its stdout (the CalledProcessError submitit raised from)
+            text = str(exc) or getattr(exc.__cause__, "output", None) or printed.getvalue()
+            said = [line.strip() for line in str(text).splitlines() if line.strip()] or [
+                "it gave no message"]
             partitions = _slurm_partitions()
             where = f"; SLURM's partitions: {partitions}" if partitions else ""
             raise SubmissionRefused(

@@ -300,7 +300,9 @@ def test_slurm_refusals_leaves_other_failures_and_the_executor_as_they_were(monk
     from eval.grid import SubmissionRefused, slurm_refusals
 
     original = SlurmExecutor._submit_command
-    outcomes = iter([FailedSubmissionError("could not parse"), FailedJobError("")])
+    on_stdout = FailedJobError("")
+    on_stdout.__cause__ = subprocess.CalledProcessError(1, ["sbatch"], output="QOSMaxWallDuration")
+    outcomes = iter([FailedSubmissionError("could not parse"), FailedJobError(""), on_stdout])
 
     def fake_submit(self, command):
         raise next(outcomes)
@@ -313,8 +315,13 @@ def test_slurm_refusals_leaves_other_failures_and_the_executor_as_they_were(monk
             SlurmExecutor._submit_command(None, "x")
         with pytest.raises(SubmissionRefused) as refused:
             SlurmExecutor._submit_command(None, "x")
+        with pytest.raises(SubmissionRefused) as refused_on_stdout:
+            SlurmExecutor._submit_command(None, "x")
     assert refused.value.problems == [
         "sbatch refused the grid's 3-job array, so nothing was submitted: it gave no message "
+        "(the hydra.launcher.* settings go to sbatch)"]
+    assert refused_on_stdout.value.problems == [
+        "sbatch refused the grid's 3-job array, so nothing was submitted: QOSMaxWallDuration "
         "(the hydra.launcher.* settings go to sbatch)"]
     assert SlurmExecutor._submit_command is fake_submit
     monkeypatch.undo()
