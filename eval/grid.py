@@ -8,7 +8,8 @@ Before the first run (or SLURM submission), one run or a whole sweep, every conf
 validated and the grid is pre-flighted on the CPU: each distinct dataset located and its files
 checked, each backbone and method built once, each batch size checked against its dataset. Any
 problem stops it with one line per problem and exit status 2, before anything is written under
-``results_dir``. Errors that only training can find still leave a failed run record.
+``results_dir``. A dataset with ``dataset.download=true`` is downloaded then, once for the grid.
+Errors that only training can find still leave a failed run record.
 
 ``smoke=true`` runs each config of the grid for a few steps and a small evaluation on its real
 device, precision and compile settings instead (through any launcher, SLURM included), prints one
