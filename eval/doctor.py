@@ -330,9 +330,11 @@ def check_grid(report: Report, argv: list[str]) -> None:
         GridError,
         _is_multirun,
         _launcher,
+        _plan_sweep,
         _user_overrides,
-        expand_sweep,
+        empty_sweep,
         launcher_problems,
+        launcher_setting_problems,
     )
     from eval.grid import check_grid as preflight_grid
 
@@ -343,7 +345,13 @@ def check_grid(report: Report, argv: list[str]) -> None:
         for problem in launcher_problems(_launcher(overrides)):
             report.fail(problem)
     try:
-        jobs, world = expand_sweep(overrides) if multirun else ([overrides], 1)
+        if multirun:
+            jobs, world, launcher = _plan_sweep(overrides)
+            for problem in (launcher_setting_problems(_launcher(overrides), launcher)
+                            + empty_sweep(jobs)):
+                report.fail(problem)
+        else:
+            jobs, world = [overrides], 1
         # with CUDA here, the devices are checked as for a run on this machine (GPU indices)
         configs = preflight_grid(jobs, world, multirun=multirun,
                                  devices_here=torch.cuda.is_available())

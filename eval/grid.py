@@ -601,6 +601,46 @@ def slurm_refusals(n_jobs: int) -> Iterator[None]:
         SlurmExecutor._submit_command = submit  # type: ignore[method-assign]
 
 
+def empty_sweep(jobs: list[list[str]]) -> list[str]:
+    """The problem line of a sweep that expands to no job at all (an empty value list)."""
+    if jobs:
+        return []
+    return ["the sweep expands to no runs: a swept key has an empty list of values (such as "
+            "seed=range(0)); give each swept key at least one value"]
+
+
+# The launchers' whole-number settings that they pass on unchecked, with their least valid value
+# (null, where the schema allows it, leaves the choice to the cluster). Out of range, a local
+# submitit job is killed at once (timeout_min=0) and sbatch refuses or misreads the array.
+_SUBMITIT_MINIMA = {"timeout_min": 1, "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1,
+                    "gpus_per_node": 0, "mem_gb": 1}
+_LAUNCHER_MINIMA: dict[str, dict[str, int]] = {
+    "submitit_local": _SUBMITIT_MINIMA,
+    "submitit_slurm": {**_SUBMITIT_MINIMA, "gpus_per_task": 0, "cpus_per_gpu": 1,
+                       "array_parallelism": 1, "signal_delay_s": 0, "max_num_timeout": 0},
+}
+
+
+def launcher_setting_problems(launcher: str, settings: DictConfig | dict[str, Any]) -> list[str]:
+    """One line per ``hydra.launcher.*`` value of ``launcher`` (its composed ``settings``) that is
+    out of range: the submitit launchers' whole numbers (``_LAUNCHER_MINIMA``), joblib's
+    ``n_jobs`` (not 0)."""
+    problems = []
+    if launcher == "joblib":
+        n_jobs = settings.get("n_jobs")
+        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+            problems.append(f"invalid hydra.launcher.n_jobs={n_jobs!r}; it must be a whole "
+                            "number other than 0 (runs at a time; -1: one per CPU core)")
+    for key, least in _LAUNCHER_MINIMA.get(launcher, {}).items():
+        value = settings.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            problems.append(f"invalid hydra.launcher.{key}={value!r}; it must be a whole number "
+                            f">= {least}")
+    return problems
+
+
 def _sweep_dir(overrides: list[str]) -> str:
     """hydra.sweep.dir resolved once (its ${now:...} included), so that every job of the sweep and
     this process agree on it."""
@@ -653,6 +693,9 @@ def main(argv: list[str] | None = None) -> None:
             default = default_grid_override(_user_overrides(argv))
             argv = [*argv, default] if default else argv
             jobs, world, launcher = _plan_sweep(_user_overrides(argv))
+            problems = launcher_setting_problems(launcher_name, launcher) + empty_sweep(jobs)
+            if problems:
+                raise GridError(problems)
             if joblib:
                 workers = start_joblib_workers(launcher)
         else:

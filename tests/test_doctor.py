@@ -122,6 +122,18 @@ def test_a_slurm_grid_without_slurm_commands_fails(tmp_path, monkeypatch):
                                "machine with hydra/launcher=joblib or submitit_local"]
 
 
+@pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/submitit_local' is validated")
+def test_out_of_range_launcher_settings_and_an_empty_sweep_fail(tmp_path):
+    report = doctor.Report()
+    doctor.check_grid(report, ["-m", "hydra/launcher=submitit_local",
+                               "hydra.launcher.timeout_min=0", "method=pixels", "seed=range(0)",
+                               f"results_dir={tmp_path}"])
+    assert report.failures == [
+        "invalid hydra.launcher.timeout_min=0; it must be a whole number >= 1",
+        "the sweep expands to no runs: a swept key has an empty list of values (such as "
+        "seed=range(0)); give each swept key at least one value"]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_step():
     assert doctor.ddp_step("gloo") is None

@@ -261,6 +261,50 @@ def test_a_slurm_grid_without_slurm_commands_is_one_line_before_anything(tmp_pat
     assert grid.launcher_problems("joblib") == grid.launcher_problems("submitit_local") == []
 
 
+@pytest.mark.filterwarnings("ignore:\\s*'hydra/launcher/(joblib|submitit_\\w+)' is validated")
+@pytest.mark.parametrize("argv, line", [
+    (["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=-1", "seed=0"],
+     "invalid hydra.launcher.timeout_min=-1; it must be a whole number >= 1"),
+    (["hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "seed=0,1"],
+     "invalid hydra.launcher.n_jobs=0; it must be a whole number other than 0 (runs at a time; "
+     "-1: one per CPU core)"),
+    (["seed=range(0)"],
+     "the sweep expands to no runs: a swept key has an empty list of values (such as "
+     "seed=range(0)); give each swept key at least one value"),
+], ids=["local-timeout", "joblib-n_jobs", "empty-sweep"])
+def test_bad_launcher_settings_and_empty_sweeps_are_one_line_before_anything(
+        tmp_path, monkeypatch, capsys, argv, line):
+    import sys
+
+    started: list[str] = []
+    monkeypatch.setattr(grid, "start_joblib_workers", lambda node: started.append("pool"))
+    monkeypatch.setattr(grid, "_hydra_main", lambda: started.append(" ".join(sys.argv[1:])))
+    with pytest.raises(SystemExit) as exit_info:
+        grid.main(["-m", "method=pixels", *argv, f"results_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {line}"]
+    assert started == [] and list(tmp_path.iterdir()) == []
+
+
+def test_launcher_setting_problems_take_null_and_name_each_bad_value():
+    from eval.grid import launcher_setting_problems
+
+    defaults = {"timeout_min": 240, "nodes": 1, "tasks_per_node": 1, "cpus_per_task": None,
+                "gpus_per_node": 0, "mem_gb": None, "array_parallelism": 256,
+                "signal_delay_s": 0, "max_num_timeout": 0}
+    assert launcher_setting_problems("submitit_slurm", defaults) == []
+    bad = {**defaults, "array_parallelism": 0, "mem_gb": 0, "nodes": True, "signal_delay_s": -1}
+    assert launcher_setting_problems("submitit_slurm", bad) == [
+        "invalid hydra.launcher.nodes=True; it must be a whole number >= 1",
+        "invalid hydra.launcher.mem_gb=0; it must be a whole number >= 1",
+        "invalid hydra.launcher.array_parallelism=0; it must be a whole number >= 1",
+        "invalid hydra.launcher.signal_delay_s=-1; it must be a whole number >= 0"]
+    # submitit_local has no SLURM-only settings; joblib's n_jobs may be negative, not 0
+    assert launcher_setting_problems("submitit_local", {"array_parallelism": 0}) == []
+    assert launcher_setting_problems("joblib", {"n_jobs": -1}) == []
+    assert launcher_setting_problems("basic", {}) == []
+
+
 def test_a_cuda_index_beyond_the_devices_is_refused(monkeypatch):
     import torch
 
