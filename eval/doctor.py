@@ -332,9 +332,8 @@ def check_grid(report: Report, argv: list[str]) -> None:
         _launcher,
         _plan_sweep,
         _user_overrides,
-        empty_sweep,
         launcher_problems,
-        launcher_setting_problems,
+        sweep_problems,
     )
     from eval.grid import check_grid as preflight_grid
 
@@ -347,8 +346,7 @@ def check_grid(report: Report, argv: list[str]) -> None:
     try:
         if multirun:
             jobs, world, launcher = _plan_sweep(overrides)
-            for problem in (launcher_setting_problems(_launcher(overrides), launcher)
-                            + empty_sweep(jobs)):
+            for problem in sweep_problems(_launcher(overrides), jobs, launcher):
                 report.fail(problem)
         else:
             jobs, world = [overrides], 1

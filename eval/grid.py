@@ -601,14 +601,6 @@ def slurm_refusals(n_jobs: int) -> Iterator[None]:
         SlurmExecutor._submit_command = submit  # type: ignore[method-assign]
 
 
-def empty_sweep(jobs: list[list[str]]) -> list[str]:
-    """The problem line of a sweep that expands to no job at all (an empty value list)."""
-    if jobs:
-        return []
-    return ["the sweep expands to no runs: a swept key has an empty list of values (such as "
-            "seed=range(0)); give each swept key at least one value"]
-
-
 # The launchers' whole-number settings that they pass on unchecked, with their least valid value
 # (null, where the schema allows it, leaves the choice to the cluster). Out of range, a local
 # submitit job is killed at once (timeout_min=0) and sbatch refuses or misreads the array.
@@ -638,6 +630,16 @@ def launcher_setting_problems(launcher: str, settings: DictConfig | dict[str, An
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             problems.append(f"invalid hydra.launcher.{key}={value!r}; it must be a whole number "
                             f">= {least}")
+    return problems
+
+
+def sweep_problems(launcher: str, jobs: list[list[str]], settings: DictConfig) -> list[str]:
+    """What stops a planned sweep (``_plan_sweep``) before anything starts: its launcher's
+    settings out of range (``launcher_setting_problems``) and a sweep of no job at all."""
+    problems = launcher_setting_problems(launcher, settings)
+    if not jobs:
+        problems.append("the sweep expands to no runs: a swept key has an empty list of values "
+                        "(such as seed=range(0)); give each swept key at least one value")
     return problems
 
 
@@ -693,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
             default = default_grid_override(_user_overrides(argv))
             argv = [*argv, default] if default else argv
             jobs, world, launcher = _plan_sweep(_user_overrides(argv))
-            problems = launcher_setting_problems(launcher_name, launcher) + empty_sweep(jobs)
+            problems = sweep_problems(launcher_name, jobs, launcher)
             if problems:
                 raise GridError(problems)
             if joblib:
