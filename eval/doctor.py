@@ -340,13 +340,14 @@ def check_grid(report: Report, argv: list[str]) -> None:
     report.section("grid")
     overrides = _user_overrides(argv)
     multirun = _is_multirun(argv)
+    launcher_name = _launcher(overrides)
     if multirun:
-        for problem in launcher_problems(_launcher(overrides)):
+        for problem in launcher_problems(launcher_name):
             report.fail(problem)
     try:
         if multirun:
             jobs, world, launcher = _plan_sweep(overrides)
-            for problem in sweep_problems(_launcher(overrides), jobs, launcher):
+            for problem in sweep_problems(launcher_name, jobs, launcher):
                 report.fail(problem)
         else:
             jobs, world = [overrides], 1
