@@ -7,9 +7,12 @@ augmentation) or the DataLoader path (per-sample decode and crop in workers) fro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from datasets.stats import channel_stats
 
 
 class DatasetError(ValueError):
@@ -67,3 +70,30 @@ class DatasetBundle:
     test: ImageSplit
     class_names: list[str] = field(default_factory=list)
     eval_resize: int | None = None
+
+    @classmethod
+    def from_splits(
+        cls, name: str, train: ImageSplit, test: ImageSplit, class_names: Sequence[str],
+        pretrain: ImageSplit | None = None,
+    ) -> DatasetBundle:
+        """A bundle of in-memory splits of square images, normalised by the train split's own
+        per-channel statistics. ``num_classes`` is ``len(class_names)``; channels and
+        ``image_size`` are read from the train images; ``pretrain`` defaults to ``train``."""
+        if train.images is None:
+            raise ValueError(f"{name}: DatasetBundle.from_splits needs an in-memory train split")
+        _, channels, height, width = train.images.shape
+        if height != width:
+            raise ValueError(f"{name}: images are {height}x{width}; expected square images")
+        mean, std = channel_stats(train.images)
+        return cls(
+            name=name,
+            num_classes=len(class_names),
+            channels=channels,
+            image_size=height,
+            mean=mean,
+            std=std,
+            pretrain=train if pretrain is None else pretrain,
+            train=train,
+            test=test,
+            class_names=list(class_names),
+        )

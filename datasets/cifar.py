@@ -17,7 +17,6 @@ import torch
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
 from datasets.locate import Layout, download_root, find_folder
-from datasets.stats import channel_stats
 
 
 @dataclass(frozen=True)
@@ -158,19 +157,7 @@ def _load(fmt: _Format, root: str | None, download: bool) -> DatasetBundle:
         raise DatasetError(
             f"{fmt.name}: {meta_path!r} names {len(class_names)} classes, expected {fmt.num_classes}"
         )
-    mean, std = channel_stats(train.images)  # type: ignore[arg-type]
-    return DatasetBundle(
-        name=fmt.name,
-        num_classes=fmt.num_classes,
-        channels=3,
-        image_size=32,
-        mean=mean,
-        std=std,
-        pretrain=train,
-        train=train,
-        test=test,
-        class_names=class_names,
-    )
+    return DatasetBundle.from_splits(fmt.name, train, test, class_names)
 
 
 def load_cifar10(root: str | None = None, download: bool = False) -> DatasetBundle:

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
-from datasets.stats import channel_stats
 
 SIZE = 16
 SEED = 0
@@ -42,19 +41,7 @@ def load_digits(root: str | None = None, download: bool = False) -> DatasetBundl
     test = ImageSplit(
         labels=torch.from_numpy(labels[idx_test]), images=images[torch.from_numpy(idx_test)]
     )
-    mean, std = channel_stats(train.images)  # type: ignore[arg-type]
-    return DatasetBundle(
-        name="digits",
-        num_classes=10,
-        channels=1,
-        image_size=SIZE,
-        mean=mean,
-        std=std,
-        pretrain=train,
-        train=train,
-        test=test,
-        class_names=[str(d) for d in range(10)],
-    )
+    return DatasetBundle.from_splits("digits", train, test, [str(d) for d in range(10)])
 
 
 def check_digits(root: str | None = None, download: bool = False) -> None:

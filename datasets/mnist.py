@@ -26,7 +26,6 @@ import torch
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
 from datasets.locate import Layout, download_root, find_folder
-from datasets.stats import channel_stats
 
 SIZE = 28
 NUM_CLASSES = 10
@@ -214,19 +213,7 @@ def _load(fmt: IdxFormat, root: str | None, download: bool) -> DatasetBundle:
     folder = find_folder(root, fmt.layout)
     train = _read_split(folder, "train", fmt)
     test = _read_split(folder, "test", fmt)
-    mean, std = channel_stats(train.images)  # type: ignore[arg-type]
-    return DatasetBundle(
-        name=fmt.name,
-        num_classes=NUM_CLASSES,
-        channels=1,
-        image_size=SIZE,
-        mean=mean,
-        std=std,
-        pretrain=train,
-        train=train,
-        test=test,
-        class_names=list(fmt.class_names),
-    )
+    return DatasetBundle.from_splits(fmt.name, train, test, fmt.class_names)
 
 
 def check_idx(fmt: IdxFormat, root: str | None, download: bool) -> None:

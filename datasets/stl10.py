@@ -14,7 +14,6 @@ import torch
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
 from datasets.locate import Layout, download_root, find_folder
-from datasets.stats import channel_stats
 
 FOLDER = "stl10_binary"
 SIZE = 96
@@ -127,19 +126,7 @@ def load_stl10(
             raise DatasetError(f"stl10: {names_path!r} names {len(names)} classes, expected 10")
         class_names = names
 
-    mean, std = channel_stats(train.images)  # type: ignore[arg-type]
-    return DatasetBundle(
-        name="stl10",
-        num_classes=10,
-        channels=3,
-        image_size=SIZE,
-        mean=mean,
-        std=std,
-        pretrain=pretrain,
-        train=train,
-        test=test,
-        class_names=class_names,
-    )
+    return DatasetBundle.from_splits("stl10", train, test, class_names, pretrain=pretrain)
 
 
 def check_stl10(

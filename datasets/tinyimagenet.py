@@ -21,7 +21,6 @@ from PIL import Image
 
 from datasets.base import DatasetBundle, DatasetError, ImageSplit
 from datasets.locate import Layout, find_folder
-from datasets.stats import channel_stats
 
 FOLDER = "tiny-imagenet-200"
 SIZE = 64
@@ -228,19 +227,7 @@ def load_tinyimagenet(
     test = ImageSplit(
         labels=torch.from_numpy(arrays["val_labels"]), images=torch.from_numpy(arrays["val_images"])
     )
-    mean, std = channel_stats(train.images)  # type: ignore[arg-type]
-    return DatasetBundle(
-        name="tinyimagenet",
-        num_classes=len(wnids),
-        channels=3,
-        image_size=SIZE,
-        mean=mean,
-        std=std,
-        pretrain=train,
-        train=train,
-        test=test,
-        class_names=wnids,
-    )
+    return DatasetBundle.from_splits("tinyimagenet", train, test, wnids)
 
 
 def check_tinyimagenet(root: str | None = None, download: bool = False, **options: object) -> None:

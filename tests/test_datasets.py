@@ -115,6 +115,30 @@ def test_channel_stats_match_numpy_across_chunks(
         np.testing.assert_allclose(std, want_std, rtol=1e-12)
 
 
+def test_bundle_from_splits_uses_train_statistics_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    train_images = torch.randint(0, 128, (6, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    test_images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)  # would move mean and std
+    train = ImageSplit(labels=torch.tensor([0, 1, 2, 0, 1, 2]), images=train_images)
+    test = ImageSplit(labels=torch.tensor([0, 1]), images=test_images)
+    bundle = DatasetBundle.from_splits("toy", train, test, ("a", "b", "c"))
+    want_mean, want_std = _np_stats(train_images.numpy() / 255.0)
+    np.testing.assert_allclose(bundle.mean, want_mean, rtol=1e-12)
+    np.testing.assert_allclose(bundle.std, want_std, rtol=1e-12)
+    assert (bundle.name, bundle.num_classes, bundle.channels, bundle.image_size) == ("toy", 3, 3, 4)
+    assert bundle.class_names == ["a", "b", "c"] and bundle.eval_resize is None
+    assert bundle.pretrain is train and bundle.train is train and bundle.test is test
+
+    unlabelled = ImageSplit(labels=torch.full((1,), -1), images=train_images[:1])
+    assert DatasetBundle.from_splits("toy", train, test, "abc", unlabelled).pretrain is unlabelled
+    wide = ImageSplit(labels=torch.tensor([0]), images=torch.zeros((1, 1, 4, 5)))
+    with pytest.raises(ValueError, match="toy: images are 4x5; expected square images"):
+        DatasetBundle.from_splits("toy", wide, test, "abc")
+    files = ImageSplit(labels=torch.tensor([0]), files=["a.png"])
+    with pytest.raises(ValueError, match="needs an in-memory train split"):
+        DatasetBundle.from_splits("toy", files, test, "abc")
+
+
 # ----------------------------------------------------------------------------- digits
 
 
