@@ -38,7 +38,7 @@ class OptimizerSettings:
     momentum: float = 0.9
     trust_coefficient: float = 0.02
     trust_clip: bool = True
-    exclude_1d: bool = True
+    exclude_1d: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "warmup_cosine"
     warmup_epochs: float = 0.0
@@ -82,8 +82,10 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Optimiser over the method's parameter groups.
 
-    A group flagged ``is_1d`` (biases, norm weights) gets no weight decay and, for ``lars``, no
-    trust-ratio adaptation when ``exclude_1d`` is set. A group with ``lr_scale`` runs at that
+    Weight decay applies to every parameter, as ``torch.optim`` over ``model.parameters()`` does
+    in MoCo's, CLD's, ASCL's and GroCo's code. With ``exclude_1d`` (solo-learn's
+    ``exclude_bias_n_norm``) a group flagged ``is_1d`` (biases, norm weights) gets no weight decay
+    and, for ``lars``, no trust-ratio adaptation; ``larc`` ignores it. A group with ``lr_scale`` runs at that
     multiple of the peak lr; one with ``fixed_lr`` at that lr (both follow the schedule).
     """
     param_groups = []
@@ -158,6 +160,19 @@ def lr_factor(
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def set_lr(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    step: int,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: float,
+) -> None:
+    """Each group's lr at optimiser step ``step``: its own peak (``initial_lr``) times
+    ``lr_factor`` taken against that peak, so that the absolute warm-up start (3e-5) and floor
+    (``cld``: 1e-6) hold in every group, as solo-learn's scheduler does for a group with its own lr
+    (All4One's transformer)."""
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
+        peak = group["initial_lr"]
+        factor = lr_factor(schedule, step, steps_per_epoch, epochs, warmup_epochs, peak)
+        group["lr"] = peak * factor

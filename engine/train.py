@@ -64,7 +64,7 @@ from engine.config import method_options, resolve_run_config
 from engine.data import TrainBatches, derive_seed, sample_split
 from engine.distributed import DistContext, pick_device
 from engine.evaluate import cached_features, evaluate_features, extract_features
-from engine.optim import OptimizerSettings, build_optimizer, lr_factor, set_lr
+from engine.optim import OptimizerSettings, build_optimizer, set_lr
 from eval.records import (
     build_failed_record,
     build_finished_record,
@@ -378,7 +378,7 @@ def train_step(
     non-finite loss is returned before anything is updated, for the caller to raise."""
     assert b.optimizer is not None and b.optim is not None
     spe, epochs = b.steps_per_epoch, b.epochs
-    set_lr(b.optimizer, lr_factor(b.optim.schedule, step, spe, epochs, b.warmup, b.peak_lr))
+    set_lr(b.optimizer, b.optim.schedule, step, spe, epochs, b.warmup)
     if b.channels_last:
         views = to_channels_last(views)
     b.optimizer.zero_grad(set_to_none=True)

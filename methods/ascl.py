@@ -243,7 +243,8 @@ class ASCL(MoCo):
     paper_aliases = ("ascl",)
     optimizer_defaults = {
         "name": "sgd", "lr": 0.03, "lr_scaling": "none", "lr_reference_batch": 256,
-        "weight_decay": 5.0e-4, "momentum": 0.9, "schedule": "warmup0_cosine", "warmup_epochs": 5,
+        "weight_decay": 5.0e-4, "momentum": 0.9, "exclude_1d": False,
+        "schedule": "warmup0_cosine", "warmup_epochs": 5,
     }
     dataset_defaults = {
         "digits": {"queue_size": 1024},

@@ -348,7 +348,8 @@ class CLD(SSLMethod):
     small_options = {"clusters": 4}  # k = 200 clusters need batches of >= 200 images
     optimizer_defaults = {
         "name": "sgd", "lr": 0.03, "lr_scaling": "linear", "lr_reference_batch": 128,
-        "weight_decay": 8.0e-4, "momentum": 0.9, "schedule": "cld", "warmup_epochs": 5,
+        "weight_decay": 8.0e-4, "momentum": 0.9, "exclude_1d": False, "schedule": "cld",
+        "warmup_epochs": 5,
     }
     # CIFAR-10 script values above (also used for digits, STL-10 and Tiny-ImageNet).
     dataset_defaults = {

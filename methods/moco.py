@@ -177,7 +177,8 @@ class MoCo(SSLMethod):
     paper_aliases = ("moco", "mocov2", "mocov2plus")
     optimizer_defaults = {
         "name": "sgd", "lr": 0.03, "lr_scaling": "linear", "lr_reference_batch": 256,
-        "weight_decay": 1.0e-4, "momentum": 0.9, "schedule": "epoch_cosine", "warmup_epochs": 0,
+        "weight_decay": 1.0e-4, "momentum": 0.9, "exclude_1d": False, "schedule": "epoch_cosine",
+        "warmup_epochs": 0,
     }
     dataset_defaults = {"digits": {"queue_size": 1024}, "imagenet100": {"queue_size": 65536}}
 

@@ -392,7 +392,8 @@ def test_transformer_group_has_fixed_lr():
         assert group.get("fixed_lr") == (0.1 if group["name"].startswith("transformer") else None)
         assert all((p.ndim <= 1) == group.get("is_1d", False) for p in group["params"])
     settings = OptimizerSettings.from_dict(
-        {"name": "lars", "lr": 1.0, "weight_decay": 1e-5, "schedule": "warmup_cosine"}
+        {"name": "lars", "lr": 1.0, "weight_decay": 1e-5, "exclude_1d": True,
+         "schedule": "warmup_cosine"}
     )
     optimizer = build_optimizer(groups, settings, settings.peak_lr(512))
     lrs = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}

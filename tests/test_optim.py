@@ -8,7 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from engine.optim import OptimConfigError, OptimizerSettings, build_optimizer, lr_factor
+from engine.config import method_options, resolve_run_config
+from engine.optim import (
+    OptimConfigError,
+    OptimizerSettings,
+    build_optimizer,
+    lr_factor,
+    set_lr,
+)
+from methods import build_method, default_grid_presets, get_method_class
+from tests.conftest import compose_config
+from tests.tiny import TinyBackbone
 
 
 def test_peak_lr_rules():
@@ -43,8 +53,12 @@ def test_lars_excludes_1d_parameters_from_decay():
         {"params": [p for p in model.parameters() if p.ndim > 1]},
         {"params": [p for p in model.parameters() if p.ndim <= 1], "is_1d": True},
     ]
-    opt = build_optimizer(groups, OptimizerSettings(name="lars", weight_decay=1e-4), 0.4)
+    lars = OptimizerSettings(name="lars", weight_decay=1e-4, exclude_1d=True)
+    opt = build_optimizer(groups, lars, 0.4)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    for name in ("sgd", "lars"):  # by default every parameter decays, as in torch.optim
+        plain = build_optimizer(groups, OptimizerSettings(name=name, weight_decay=1e-4), 0.4)
+        assert [g["weight_decay"] for g in plain.param_groups] == [1e-4, 1e-4]
     larc = build_optimizer(groups, OptimizerSettings(name="larc", weight_decay=1e-6), 2.4)
     assert [g["weight_decay"] for g in larc.param_groups] == [1e-6, 1e-6]
 
@@ -62,3 +76,48 @@ def test_sgd_step_uses_scheduled_lr():
     p.grad = torch.ones(2, 2)
     opt.step()
     assert torch.allclose(p, torch.full((2, 2), 0.5))
+
+
+# Whether biases and norm weights decay in each official code: torch.optim.SGD over
+# model.parameters() (MoCo, CLD, ASCL, GroCo), apex LARC over every parameter (GroCo's SimCLR),
+# solo-learn's LARS with exclude_bias_n_norm (SimCLR solo, NNCLR, All4One).
+DECAYS_1D = {
+    "moco": True, "moco_cld_base": True, "moco_ascl_base": True, "cld": True, "ascl": True,
+    "groco": True, "simclr_groco_baseline": True,
+    "simclr": False, "nnclr": False, "all4one": False,
+}
+
+
+def test_each_preset_decays_1d_parameters_as_its_official_code(tmp_path):
+    trained = [p for p in default_grid_presets()
+               if get_method_class(compose_config([f"method={p}"]).method.name).trains]
+    assert sorted(DECAYS_1D) == sorted(trained)
+    for preset, decays in DECAYS_1D.items():
+        config = resolve_run_config(
+            compose_config([f"method={preset}", f"results_dir={tmp_path}"]))["method"]
+        method = build_method(config["name"], TinyBackbone(), **method_options(config))
+        settings = OptimizerSettings.from_dict(config["optimizer"])
+        opt = build_optimizer(method.parameter_groups(), settings, settings.peak_lr(256))
+        decay = {p.ndim <= 1: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        assert decay[False] == settings.weight_decay > 0, preset
+        assert decay[True] == (settings.weight_decay if decays else 0.0), preset
+
+
+def test_every_group_warms_up_from_the_absolute_start():
+    # All4One's transformer group runs at a fixed 0.1 beside the main peak (1.0 here): solo-learn's
+    # scheduler starts every group at 3e-5 and ends every group at its floor.
+    main, fixed = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
+    groups = [{"params": [main]}, {"params": [fixed], "fixed_lr": 0.1}]
+    for schedule, first, last in (("warmup_cosine", 3e-5, 0.0), ("cld", None, 1e-6)):
+        opt = build_optimizer(groups, OptimizerSettings(name="sgd", schedule=schedule), 1.0)
+        set_lr(opt, schedule, 0, 10, 10, 2)
+        if first is not None:
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([first, first])
+        else:
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.001])
+        set_lr(opt, schedule, 10, 10, 10, 2)  # half way through the warm-up
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+            [(first or 0.01) + (1 - (first or 0.01)) / 2,
+             (first or 0.001) + (0.1 - (first or 0.001)) / 2])
+        set_lr(opt, schedule, 100, 10, 10, 2)  # the end of the 100 steps
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([last, last], abs=1e-12)
