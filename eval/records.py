@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -228,7 +229,7 @@ def finished_record(run_dir: Path) -> dict[str, Any] | None:
 @dataclass
 class Problem:
     run_dir: str
-    status: str  # "unreadable", "unfinished" or "failed"
+    status: str  # "unreadable", "unfinished", "failed" or "duplicate"
     detail: str
     job_id: str | None = None  # the scheduler job that ran it last (SLURM/submitit), if any
     log_tail: str | None = None  # the end of that job's submitit log, when the file is readable
@@ -296,6 +297,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
 def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -306,8 +311,8 @@ def _numbers_problem(where: str, table: Any, integer_keys: bool) -> str | None:
     for key, value in table.items():
         if integer_keys and not str(key).isdigit():
             return f"{where} has the key {key!r}, expected whole numbers (k)"
-        if not _is_number(value):
-            return f"{where}.{key} is {value!r}, expected a number"
+        if not _is_finite(value):
+            return f"{where}.{key} is {value!r}, expected a finite number"
     return None
 
 
@@ -332,10 +337,10 @@ def record_problem(record: dict[str, Any]) -> str | None:
     if not isinstance(metrics, dict):
         return f"metrics is {metrics!r}, expected a mapping"
     for key, value in metrics.items():
-        if (key.endswith(("_top1", "_top5")) or key in ("n_test", "n_train")) and not _is_number(
+        if (key.endswith(("_top1", "_top5")) or key in ("n_test", "n_train")) and not _is_finite(
             value
         ):
-            return f"metrics.{key} is {value!r}, expected a number"
+            return f"metrics.{key} is {value!r}, expected a finite number"
     for key, integer_keys in (("knn_curve", True), ("neighbour_agreement", True)):
         if key in metrics:
             problem = _numbers_problem(f"metrics.{key}", metrics[key], integer_keys)
@@ -369,6 +374,30 @@ def record_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
+def _drop_duplicate_runs(result: RecordSet) -> None:
+    """Keep one finished record per (cell, seed), the one that finished last, and list the others
+    as problems. A run's directory is named by its config, seed included, so two records of one
+    run only meet when a run folder was copied; counting both would shrink the interval as if
+    they were independent seeds."""
+    by_run: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in result.records:
+        by_run.setdefault((cell_id(record), record["seed"]), []).append(record)
+    dropped: set[int] = set()
+    for (_, seed), records in by_run.items():
+        if len(records) < 2:
+            continue
+        records = sorted(records, key=lambda r: (str(r.get("finished_at", "")), r["run_dir"]))
+        kept = records[-1]
+        for record in records[:-1]:
+            dropped.add(id(record))
+            result.problems.append(Problem(
+                record["run_dir"], "duplicate",
+                f"the same cell and seed {seed} as {kept['run_dir']}, which finished later; "
+                "the report counts that one",
+            ))
+    result.records = [r for r in result.records if id(r) not in dropped]
+
+
 def load_records(runs_dir: str | Path) -> RecordSet:
     runs_dir = Path(runs_dir)
     result = RecordSet()
@@ -394,6 +423,7 @@ def load_records(runs_dir: str | Path) -> RecordSet:
             )
             continue
         result.records.append(record)
+    _drop_duplicate_runs(result)
     for path in sorted(runs_dir.rglob(CHECKPOINT_FILE)):
         if path.parent not in seen_dirs:
             seen_dirs.add(path.parent)

@@ -12,8 +12,8 @@ Per dataset (``--dataset NAME`` keeps one, e.g. for ``results/fashion_mnist/tabl
 - **main table**: the reference rows (records with ``"reference": true``: ``pixels``,
   ``random_init``) first, then the methods. Each method's default preset reads ``default``; any
   other preset reads its name, and a swept variant lists the values that differ from its preset.
-  Accuracies are mean ± 95% Student-t half-width over n seeds (n = 1: a percentile bootstrap over
-  test images, marked †); an interval that leaves [0, 100] is clipped and marked ‡. Linear top-5
+  Accuracies are mean ± 95% Student-t half-width, then (s …) the sample SD, over n seeds (n = 1:
+  a percentile bootstrap over test images, marked †); an interval that leaves [0, 100] is clipped and marked ‡. Linear top-5
   is left out on datasets with 10 classes or fewer. A probe whose λ sits at an end of its grid or
   that did not converge is marked in its cell and explained under the table. A k-NN column whose
   runs used a smaller k than asked (k > N_train) names the k used;
@@ -373,25 +373,24 @@ def _correct(record: dict[str, Any], key: str | None) -> np.ndarray | None:
 
 
 def _summary(values: list[float], correct: list[np.ndarray | None]) -> dict[str, Any]:
-    """mean, low, high (clipped to [0, 100]), kind (t | bootstrap | none), clipped, n."""
+    """mean, sd (ddof = 1; NaN for n < 2), low, high (clipped to [0, 100]), kind (t | bootstrap |
+    none), clipped, n. ``correct[i]`` is the per-image correctness of the run of ``values[i]``."""
     if len(values) >= 2:
         s = t_interval(values)
         low, high, clipped = clip_interval(s.low, s.high)
-        return {"mean": s.mean, "low": low, "high": high, "kind": "t", "clipped": clipped,
-                "n": s.n}
+        return {"mean": s.mean, "sd": s.std, "low": low, "high": high, "kind": "t",
+                "clipped": clipped, "n": s.n}
+    single = {"sd": math.nan, "clipped": False, "n": len(values)}
     if values and correct and correct[0] is not None:
         _, low, high = bootstrap_ci(correct[0])
-        return {"mean": values[0], "low": low, "high": high, "kind": "bootstrap",
-                "clipped": False, "n": 1}
-    if values:
-        return {"mean": values[0], "low": math.nan, "high": math.nan, "kind": "none",
-                "clipped": False, "n": 1}
-    return {"mean": math.nan, "low": math.nan, "high": math.nan, "kind": "none", "clipped": False,
-            "n": 0}
+        return {"mean": values[0], "low": low, "high": high, "kind": "bootstrap", **single}
+    mean = values[0] if values else math.nan
+    return {"mean": mean, "low": math.nan, "high": math.nan, "kind": "none", **single}
 
 
 def _summary_columns(row: dict[str, Any], metric: str, summary: dict[str, Any]) -> None:
     row[f"{metric}_mean"] = summary["mean"]
+    row[f"{metric}_sd"] = summary["sd"]
     row[f"{metric}_ci_low"] = summary["low"]
     row[f"{metric}_ci_high"] = summary["high"]
     row[f"{metric}_ci_kind"] = summary["kind"]
@@ -444,9 +443,10 @@ def build_cells(records: list[dict[str, Any]], presets: PresetIndex | None = Non
                          if r["metrics"].get("linear_converged") is False],
         )
         for metric in metrics:
-            values = [float(r["metrics"][metric]) for r in runs if metric in r["metrics"]]
+            having = [r for r in runs if metric in r["metrics"]]
+            values = [float(r["metrics"][metric]) for r in having]
             key = _correct_key(metric)
-            _summary_columns(row, metric, _summary(values, [_correct(r, key) for r in runs]))
+            _summary_columns(row, metric, _summary(values, [_correct(r, key) for r in having]))
         rows.append(row)
     cells = pd.DataFrame(rows)
     if cells.empty:
@@ -485,9 +485,11 @@ def fmt_interval(row: pd.Series | dict[str, Any], metric: str) -> str:
     kind = row.get(f"{metric}_ci_kind")
     low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
     if kind == "t":
+        sd = row.get(f"{metric}_sd")
+        spread = "" if _is_nan(sd) else f" (s {sd:.2f})"
         if row.get(f"{metric}_ci_clipped"):
-            return f"{mean:.2f} [{low:.2f}, {high:.2f}]{MARK_CLIPPED}"
-        return f"{mean:.2f} ± {(high - mean):.2f}"
+            return f"{mean:.2f} [{low:.2f}, {high:.2f}]{MARK_CLIPPED}{spread}"
+        return f"{mean:.2f} ± {(high - mean):.2f}{spread}"
     if kind == "bootstrap":
         return f"{mean:.2f} [{low:.2f}, {high:.2f}]{MARK_BOOTSTRAP}"
     return f"{mean:.2f}"
@@ -551,6 +553,7 @@ def compare_cells(
             row.update(
                 mean_diff=observed, ci_low=float(low), ci_high=float(high),
                 test="paired bootstrap", mde=mde, sd=se,
+                note="single matched seed: paired bootstrap over test images",
                 seeds_needed=seeds_needed(abs(observed), se),
                 power_basis="bootstrap SE (test images only; seeds needed is a lower bound)",
             )
@@ -1065,7 +1068,8 @@ def main_table(cells: pd.DataFrame, references: pd.DataFrame | None = None) -> p
     columns = [*KEY_COLUMNS, "cell", "reference", "preset_label", "setting", "protocol", "n",
                "seeds", "n_classes", "n_test"]
     for metric in metrics:
-        columns += [f"{metric}_{s}" for s in ("mean", "ci_low", "ci_high", "ci_kind", "ci_clipped")]
+        columns += [f"{metric}_{s}"
+                    for s in ("mean", "sd", "ci_low", "ci_high", "ci_kind", "ci_clipped")]
     columns += ["lambda_edge", "unconverged", "train_seconds", "images_per_second"]
     table = cells[columns].copy()
     knn = headline_knn(metrics)
@@ -1482,7 +1486,7 @@ def render_markdown(report: Report, command: str = DEFAULT_COMMAND) -> str:
         "features, whole train split as the bank (k=20, T=0.07 headline; k=200, T=0.1); linear "
         "probe = multinomial logistic regression on standardised frozen features, λ chosen on a "
         "stratified 10% hold-out of the train split. Accuracies in % on the test split: mean ± "
-        "95% Student-t half-width over n seeds.",
+        "95% Student-t half-width over n seeds, and (s …) the sample SD over seeds (ddof = 1).",
         "",
         "**Marks.** " + LEGEND,
         "",
@@ -1501,7 +1505,7 @@ def render_markdown(report: Report, command: str = DEFAULT_COMMAND) -> str:
         out += _render_paper(report)
         out += _render_plots(report.plots)
     problems = report.tables.get("problems")
-    out += ["## Failed, unfinished or unreadable runs", ""]
+    out += ["## Failed, unfinished, unreadable or duplicate runs", ""]
     if problems is None or problems.empty:
         out += ["None.", ""]
     else:

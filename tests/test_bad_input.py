@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import struct
@@ -355,7 +356,13 @@ def _good_record() -> dict:
      "metrics is None, expected a mapping"),
     ("metric not a number", json.dumps(
         {**_good_record(), "metrics": {**_good_record()["metrics"], "knn20_top1": "high"}}),
-     "metrics.knn20_top1 is 'high', expected a number"),
+     "metrics.knn20_top1 is 'high', expected a finite number"),
+    ("metric NaN", json.dumps(
+        {**_good_record(), "metrics": {**_good_record()["metrics"], "linear_top1": math.nan}}),
+     "metrics.linear_top1 is nan, expected a finite number"),
+    ("curve point infinite", json.dumps(
+        {**_good_record(), "metrics": {**_good_record()["metrics"], "knn_curve": {"5": math.inf}}}),
+     "metrics.knn_curve.5 is inf, expected a finite number"),
     ("bits not hex", json.dumps({**_good_record(), "correct": {"knn20": "zz"}}),
      "correct.knn20 is not a hex string"),
     ("history without losses", json.dumps({**_good_record(), "history": [{"epoch": 1}]}),
@@ -369,7 +376,7 @@ def test_corrupt_run_record_is_skipped_and_named(tmp_path, capsys, name, content
     (runs / "bad" / "record.json").write_text(content)
     report.main(["--runs", str(runs), "--plots-dir", "none"])
     text = capsys.readouterr().out
-    problems = text.split("## Failed, unfinished or unreadable runs", 1)[1]
+    problems = text.split("## Failed, unfinished, unreadable or duplicate runs", 1)[1]
     row = next(line for line in problems.splitlines() if line.startswith("| unreadable"))
     assert f"| {runs / 'bad'} |" in row and str(runs / "bad" / "record.json") in row
     assert needle in row

@@ -84,23 +84,24 @@ def test_grid_then_report_end_to_end(tmp_path):
     def column(prefix):
         return next(i for i, name in enumerate(header) if name.startswith(prefix))
 
-    def interval(mean, half):
-        # an interval that leaves [0, 100] is printed clipped, with its mark
+    def interval(values):
+        # mean ± t half-width, then the sample SD; an interval that leaves [0, 100] is printed
+        # clipped, with its mark
+        mean, sd = np.mean(values), np.std(values, ddof=1)
+        half = stats.t.ppf(0.975, len(values) - 1) * sd / np.sqrt(len(values))
         if mean - half < 0 or mean + half > 100:
-            return f"{mean:.2f} [{max(mean - half, 0):.2f}, {min(mean + half, 100):.2f}]‡"
-        return f"{mean:.2f} ± {half:.2f}"
+            return (f"{mean:.2f} [{max(mean - half, 0):.2f}, {min(mean + half, 100):.2f}]‡"
+                    f" (s {sd:.2f})")
+        return f"{mean:.2f} ± {half:.2f} (s {sd:.2f})"
 
     for method in ("moco", "simclr"):
         row = next(r for r in rows if r.split("|")[2].strip() == method)
         cells = [c.strip() for c in row.strip("|").split("|")]
         values = [r["metrics"]["knn20_top1"] for r in records if r["method"] == method]
-        mean = np.mean(values)
-        half = stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / np.sqrt(2)
-        assert cells[column("k-NN k=20 ")] == interval(mean, half)
+        assert cells[column("k-NN k=20 ")] == interval(values)
         linear = [r["metrics"]["linear_top1"] for r in records if r["method"] == method]
-        half_lin = stats.t.ppf(0.975, 1) * np.std(linear, ddof=1) / np.sqrt(2)
         # (a probe flag, e.g. "λ-edge 1/2", may follow the interval)
-        assert cells[column("linear top-1")].startswith(interval(np.mean(linear), half_lin))
+        assert cells[column("linear top-1")].startswith(interval(linear))
         assert cells[column("n")] == "2" and cells[column("seeds")] == "0,1"
         assert np.mean(values) > 20.0  # one epoch is already well above the 10% chance level
     # re-running the same grid trains nothing

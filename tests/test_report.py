@@ -108,9 +108,9 @@ def test_main_table_numbers(runs):
     half = stats.t.ppf(0.975, 2) * math.sqrt(13) / math.sqrt(3)
     row = next(line for line in text.splitlines()
                if line.startswith("| digits | simclr | default (solo)") and "| 3 |" in line)
-    assert f"| 83.00 ± {half:.2f} |" in row
+    assert f"| 83.00 ± {half:.2f} (s {math.sqrt(13):.2f}) |" in row  # s: ddof = 1
     lin = t_interval([85.0, 86.0, 90.0])
-    assert f"| {lin.mean:.2f} ± {lin.half_width:.2f} |" in row
+    assert f"| {lin.mean:.2f} ± {lin.half_width:.2f} (s {lin.std:.2f}) |" in row
     assert "| 3 | 0,1,2 |" in row
     # the other protocol is its own row with n = 1 and a bootstrap interval
     other = [line for line in text.splitlines() if "| other-v0 |" in line]
@@ -294,7 +294,8 @@ def test_top5_only_with_more_than_ten_classes(tmp_path):
     text = render(build_report(runs, plots=False, presets=PRESETS), "markdown")
     cifar = table_rows(section(text, "Main table: cifar100"))
     digits = table_rows(section(text, "Main table: digits"))
-    assert cifar[0]["linear top-5"] == f"85.50 ± {t_interval([85.0, 86.0]).half_width:.2f}"
+    top5 = t_interval([85.0, 86.0])
+    assert cifar[0]["linear top-5"] == f"85.50 ± {top5.half_width:.2f} (s {top5.std:.2f})"
     assert "linear top-5" not in digits[0]
 
 
@@ -669,3 +670,51 @@ def test_correctness_bits_feed_the_bootstrap(tmp_path):
     row = build_report(runs, plots=False, presets=PRESETS).tables["main"].iloc[0]
     _, low, high = bootstrap_ci(bits)
     assert (row["knn20_top1_ci_low"], row["knn20_top1_ci_high"]) == (low, high)
+
+
+def test_a_run_stored_twice_counts_once_and_is_listed(tmp_path):
+    """A copied run folder once doubled n (seeds 0,0,1,1,2,2) and shrank the interval 2.6×."""
+    runs = tmp_path / "runs"
+    for seed, knn, lin in ((0, 80.0, 85.0), (1, 82.0, 86.0), (2, 87.0, 90.0)):
+        original = rec("simclr", "solo", seed, knn, lin)
+        original["finished_at"] = f"2026-01-0{seed + 1}T00:00:00Z"
+        write(runs, original, f"simclr-{seed}")
+        copy_ = copy.deepcopy(original)
+        copy_["finished_at"] = f"2026-02-0{seed + 1}T00:00:00Z"  # the copy finished later
+        write(runs, copy_, f"copy/simclr-{seed}")
+    report = build_report(runs, plots=False, presets=PRESETS)
+    row = report.tables["main"].iloc[0]
+    assert (row["n"], row["seeds"]) == (3, "0,1,2")
+    want = t_interval([80.0, 82.0, 87.0])
+    assert row["knn20_top1_ci_high"] - row["knn20_top1_mean"] == pytest.approx(want.half_width)
+    assert row["knn20_top1_sd"] == pytest.approx(math.sqrt(13))
+    problems = report.tables["problems"]
+    assert sorted(problems["status"]) == ["duplicate"] * 3
+    assert sorted(problems["run"]) == [str(runs / f"simclr-{s}") for s in range(3)]
+    kept = {r["run_dir"] for r in report.records}
+    assert kept == {str(runs / "copy" / f"simclr-{s}") for s in range(3)}
+    assert problems["detail"].iloc[0].startswith("the same cell and seed 0 as ")
+
+
+def test_single_seed_summary_uses_the_correctness_of_the_same_run(tmp_path):
+    """The n = 1 bootstrap takes the correctness bits of the run that holds the metric, and the
+    comparison's note says the bootstrap was used."""
+    runs = tmp_path / "runs"
+    without = rec("simclr", "solo", 0, 75.0, 80.0, n_test=40)
+    del without["metrics"]["knn20_top1"]
+    without["correct"]["knn20"] = pack_bits(np.zeros(40, dtype=bool))
+    write(runs, without, "s0")
+    having = rec("simclr", "solo", 1, 75.0, 80.0, n_test=40)
+    bits = np.arange(40) % 4 != 0  # 30 of 40
+    having["correct"]["knn20"] = pack_bits(bits)
+    write(runs, having, "s1")
+    row = build_report(runs, plots=False, presets=PRESETS).tables["main"].iloc[0]
+    _, low, high = bootstrap_ci(bits)
+    assert (row["knn20_top1_ci_low"], row["knn20_top1_ci_high"]) == (low, high)
+    assert row["knn20_top1_ci_kind"] == "bootstrap" and math.isnan(row["knn20_top1_sd"])
+
+    runs = tmp_path / "pair"
+    write(runs, rec("simclr", "solo", 0, 50.0, 50.0, n_test=200), "s")
+    write(runs, rec("nnclr", "solo", 0, 60.0, 60.0, n_test=200, base="simclr/solo"), "n")
+    notes = set(build_report(runs, plots=False, presets=PRESETS).tables["deltas"]["note"])
+    assert notes == {"single matched seed: paired bootstrap over test images"}

@@ -123,7 +123,7 @@ def test_grid_runs_as_one_job_array(tmp_path, capsys):
     rows = [line for line in report.stdout.splitlines() if line.startswith("| digits")]
     for method in ("simclr", "moco"):
         assert any(row.startswith(f"| digits | {method} |") for row in rows), report.stdout
-    problems = report.stdout.split("## Failed, unfinished or unreadable runs")[-1]
+    problems = report.stdout.split("## Failed, unfinished, unreadable or duplicate runs")[-1]
     assert problems.strip().startswith("None."), problems
 
 
