@@ -18,6 +18,7 @@ from engine.data import eval_batches
 from engine.io import atomic_torch_save
 from eval.knn import (
     agreement_from_neighbours,
+    check_inputs,
     knn_from_neighbours,
     nearest_neighbours,
     resolve_k,
@@ -98,7 +99,10 @@ def evaluate_features(
     chunk_size: int = 1024,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Every metric of docs/protocol.md §3-§4 plus per-image correctness for the statistics of §5."""
+    """Every metric of docs/protocol.md §3-§4 plus per-image correctness for the statistics of §5.
+    Features that are not finite (a diverged network) raise ``ValueError``: no metric is made up
+    from them."""
+    check_inputs(train_features, train_labels, test_features, test_labels)
     if device is not None:
         train_features, test_features = train_features.to(device), test_features.to(device)
         train_labels, test_labels = train_labels.to(device), test_labels.to(device)

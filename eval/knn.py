@@ -81,12 +81,14 @@ class KnnResult:
     k_requested: int | None = None
 
 
-def _check_inputs(
+def check_inputs(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
 ) -> None:
+    """``ValueError`` naming what is wrong: shapes, label dtypes or ranges, an empty bank, or
+    features that are not finite (NaN compares False everywhere and would corrupt the top-k)."""
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError(
             f"features must be 2-D, got {tuple(train_features.shape)} (train) and "
@@ -114,10 +116,11 @@ def _check_inputs(
             raise ValueError(f"{name} must be an integer tensor, got {lab.dtype}")
         if lab.numel() and int(lab.min()) < 0:
             raise ValueError(f"{name} must be in 0..C-1, found {int(lab.min())}")
-    # NaN would silently compare False everywhere and corrupt top-k.
     for name, feat in (("train_features", train_features), ("test_features", test_features)):
-        if not bool(torch.isfinite(feat).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+        finite_rows = torch.isfinite(feat).all(dim=1)
+        if not bool(finite_rows.all()):
+            bad = int((~finite_rows).sum())
+            raise ValueError(f"{name} contains NaN or Inf ({bad} of {len(feat)} rows)")
 
 
 def _check_k(k: int, n_train: int) -> None:
@@ -353,7 +356,7 @@ def knn_evaluate(
     test_features = _as_tensor(test_features, device)
     train_labels = _as_tensor(train_labels, device)
     test_labels = _as_tensor(test_labels, device)
-    _check_inputs(train_features, train_labels, test_features, test_labels)
+    check_inputs(train_features, train_labels, test_features, test_labels)
     k_used = resolve_k(k, train_features.shape[0], clamp_k)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -416,7 +419,7 @@ def neighbour_label_agreement(
     test_features = _as_tensor(test_features, device)
     train_labels = _as_tensor(train_labels, device)
     test_labels = _as_tensor(test_labels, device)
-    _check_inputs(train_features, train_labels, test_features, test_labels)
+    check_inputs(train_features, train_labels, test_features, test_labels)
     _check_k(ks[0], train_features.shape[0])
     _check_k(ks[-1], train_features.shape[0])
 

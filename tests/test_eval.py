@@ -362,6 +362,25 @@ def test_evaluate_features_one_pass_equals_separate_calls():
         str(k): v for k, v in neighbour_label_agreement(xtr, ytr, xte, yte, ks=(1, 5, 20, 50)).items()
     }
 
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_evaluate_features_refuses_features_that_are_not_finite(linear, bad):
+    """A diverged network's NaN features once gave made-up k-NN numbers (knn20_top5 = 100 with
+    a tenth of the bank NaN) or, with the probe, an unrelated linear-algebra error."""
+    from engine.evaluate import evaluate_features
+
+    xtr, ytr, xte, yte, _ = _random_case(seed=9, n_train=150, n_test=70)
+    settings = [{"k": 20, "temperature": 0.07}]
+    broken = xtr.clone()
+    broken[::10, 0] = bad
+    with pytest.raises(ValueError, match=r"^train_features contains NaN or Inf \(15 of 150 rows\)$"):
+        evaluate_features(broken, ytr, xte, yte, settings, linear=linear)
+    broken = xte.clone()
+    broken[3] = bad
+    with pytest.raises(ValueError, match=r"^test_features contains NaN or Inf \(1 of 70 rows\)$"):
+        evaluate_features(xtr, ytr, broken, yte, settings, linear=linear)
+
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_knn_cuda_matches_cpu():
