@@ -201,6 +201,27 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     return commit.stdout.strip() + dirty
 
 
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name and the instruction set torch's CPU kernels use on it, e.g.
+    ``AMD EPYC (AVX2)``: with one torch build, two CPUs that differ in either can round float
+    sums differently, so their runs differ in the last bits (and in accuracies by a few test
+    images). The model name comes from ``cpuinfo`` (Linux), else from ``platform``."""
+    import platform
+
+    name = ""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({capability})" if capability else name
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in PROVENANCE_PACKAGES:

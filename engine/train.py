@@ -64,6 +64,7 @@ from engine.config import method_options, resolve_run_config
 from engine.data import TrainBatches, derive_seed, sample_split
 from engine.distributed import DistContext, pick_device
 from engine.evaluate import cached_features, evaluate_features, extract_features
+from engine.io import cpu_model
 from engine.optim import OptimizerSettings, build_optimizer, set_lr
 from eval.records import (
     build_failed_record,
@@ -250,7 +251,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 # --------------------------------------------------------------------------------------------

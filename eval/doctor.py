@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from engine.io import cpu_model
+
 # The packages whose versions decide whether a run works; their ranges come from groupbench's
 # installed metadata (pyproject.toml's dependencies), never from a copy here.
 CHECKED_PACKAGES = ("torch", "torchvision", "timm")
@@ -67,6 +69,7 @@ class Report:
 def check_platform(report: Report) -> None:
     report.section("platform")
     report.ok(f"python {platform.python_version()} on {platform.platform()}")
+    report.ok(f"CPU: {cpu_model()}")
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     report.ok(f"CPU cores: {cores} ({usable} usable by this process)")

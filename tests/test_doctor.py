@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval.doctor as doctor
+from engine.io import cpu_model
 from tests.conftest import REPO, run_cli
 
 
@@ -30,6 +31,7 @@ def test_reports_devices_threads_versions_and_data(capsys):
     status, out = _run(capsys, [])
     assert status == 0, out
     assert f"torch threads: {torch.get_num_threads()} intra-op" in out
+    assert f"ok    CPU: {cpu_model()}\n" in out
     if not torch.cuda.is_available():
         assert "CUDA not available" in out and "trainer.precision=auto is fp32" in out
         assert "trainer.compile=auto: off on the CPU" in out
@@ -40,6 +42,21 @@ def test_reports_devices_threads_versions_and_data(capsys):
         assert f"ok    {name} {version} (compatible: {ranges[name]})" in out
     assert "ok    digits: found" in out
     assert out.rstrip().endswith("0 problem(s): ready for a grid")
+
+
+def test_cpu_model_names_the_model_and_the_kernels_instruction_set(tmp_path, monkeypatch):
+    """Records once named every CPU "x86_64", so two machines whose kernels round differently
+    (the same commit giving other accuracies) looked the same in a table's provenance."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Fancy CPU 9000  \n"
+                       "processor\t: 1\nmodel name\t: Fancy CPU 9000\n")
+    assert cpu_model(cpuinfo) == f"Fancy CPU 9000 ({capability})"
+    import platform
+
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert cpu_model(tmp_path / "missing") == f"arm64 ({capability})"
 
 
 def test_the_ranges_are_the_installed_groupbench_requirements():
