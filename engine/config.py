@@ -253,6 +253,8 @@ def resolve_run_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     specific = auto.get(name, {})
     _merge(defaults, specific)
     _fill_nulls(method, defaults, "method")
+    by_length = get_method_class(method["name"]).epoch_defaults(trainer["epochs"], method)
+    _fill_nulls(method, by_length, "method")
     validate_method(method)
     _check_values(config)
     return config

@@ -207,6 +207,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _whole_or_none(value: Any) -> int | None:
+    """A record's epoch count as an int (pandas may hold it as a float), None if absent."""
+    if _is_nan(value) or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _is_nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -223,7 +233,7 @@ class PresetIndex:
     def __init__(self, config_dir: Path = CONFIG_DIR) -> None:
         self._config_dir = str(config_dir)
         self._options: dict[tuple[str, str], str] | None = None
-        self._configs: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+        self._configs: dict[tuple[str, str, str, int | None], dict[str, Any] | None] = {}
 
     def _compose(self, overrides: list[str]) -> Any:
         from hydra import compose, initialize_config_dir
@@ -270,21 +280,29 @@ class PresetIndex:
                 return preset
         return None
 
-    def flat_config(self, method: str, preset: str, dataset: str) -> dict[str, Any] | None:
-        """The preset's run config resolved for ``dataset``, flattened (None if unknown)."""
-        key = (method, preset, dataset)
+    def flat_config(
+        self, method: str, preset: str, dataset: str, epochs: int | None = None
+    ) -> dict[str, Any] | None:
+        """The preset's run config resolved for ``dataset`` and ``epochs`` (a method's defaults
+        may depend on the length: ``SSLMethod.epoch_defaults``), flattened (None if unknown)."""
+        key = (method, preset, dataset, epochs)
         if key not in self._configs:
-            self._configs[key] = self._resolve(method, preset, dataset)
+            self._configs[key] = self._resolve(method, preset, dataset, epochs)
         return self._configs[key]
 
-    def _resolve(self, method: str, preset: str, dataset: str) -> dict[str, Any] | None:
+    def _resolve(
+        self, method: str, preset: str, dataset: str, epochs: int | None
+    ) -> dict[str, Any] | None:
         from engine.config import resolve_run_config, to_container
 
         option = self._preset_options().get((method, preset))
         if option is None:
             return None
+        overrides = [f"method={option}", f"dataset={dataset}"]
+        if epochs is not None:
+            overrides.append(f"trainer.epochs={epochs}")
         try:
-            config = resolve_run_config(self._compose([f"method={option}", f"dataset={dataset}"]))
+            config = resolve_run_config(self._compose(overrides))
         except Exception:  # noqa: BLE001 - a dataset without a config: the unresolved preset
             try:
                 config = to_container(self._compose([f"method={option}"]))
@@ -321,7 +339,9 @@ class StaticPresets(PresetIndex):
     def default_preset(self, method: str) -> str | None:
         return self._defaults.get(method)
 
-    def flat_config(self, method: str, preset: str, dataset: str) -> dict[str, Any] | None:
+    def flat_config(
+        self, method: str, preset: str, dataset: str, epochs: int | None = None
+    ) -> dict[str, Any] | None:
         return self._static.get((method, preset))
 
 
@@ -335,7 +355,8 @@ def _variant(row: dict[str, Any], presets: PresetIndex) -> tuple[str, list[str]]
         label = "default" if preset == "default" else f"default ({preset})"
     else:
         label = preset
-    preset_config = presets.flat_config(row["method"], preset, row["dataset"]) or {}
+    preset_config = presets.flat_config(
+        row["method"], preset, row["dataset"], _whole_or_none(row.get("epochs"))) or {}
     diffs = []
     for key, value in sorted(row["flat_config"].items()):
         if not key.startswith("method.") or key in IGNORED_SWEEP_KEYS:
@@ -842,7 +863,9 @@ def ablation_tables(
 def _default_value(cell: pd.Series, key: str, presets: PresetIndex) -> tuple[Any, str]:
     """The key's value in the cell's preset (resolved for its dataset) and how to name it:
     "default" when that preset is the method's default preset, else "preset <name>"."""
-    config = presets.flat_config(cell["method"], str(cell["preset"]), cell["dataset"]) or {}
+    config = presets.flat_config(
+        cell["method"], str(cell["preset"]), cell["dataset"], _whole_or_none(cell.get("epochs"))
+    ) or {}
     value = config.get(key)
     if value is None:
         return None, ""

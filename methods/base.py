@@ -104,6 +104,14 @@ class SSLMethod(nn.Module, abc.ABC):
     #: composed config until the run config is resolved for its dataset (``method.auto``).
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    @classmethod
+    def epoch_defaults(cls, epochs: int, options: dict[str, Any]) -> dict[str, Any]:
+        """Values, in the shape of the method config (``{"optimizer": {...}}`` included), for the
+        keys left ``null`` after the per-dataset values: those whose official value changes with
+        the training length ``epochs`` (and the method's resolved ``options``), as GroCo's
+        configs change its learning rate. A key the user set keeps the user's value."""
+        return {}
+
     # -- what the engine, the grid and the report need to know ------------------------------
     #: False for reference rows: the engine builds the method, skips training, then evaluates.
     trains: ClassVar[bool] = True

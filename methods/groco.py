@@ -24,6 +24,7 @@ all three are exact to rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -265,11 +266,28 @@ class GroCo(SSLMethod):
     Config = GroCoConfig
     base_presets = ("simclr_groco_baseline",)  # the repository's SimCLR baseline
     paper_aliases = ("groco",)
-    optimizer_defaults = {  # plain SGD, no LARS (train.py)
-        "name": "sgd", "lr": 0.75, "lr_scaling": "linear", "lr_reference_batch": 32,  # 6.0 at B = 256
-        "weight_decay": 1.0e-6, "momentum": 0.9, "exclude_1d": False,
-        "schedule": "warmup0_cosine", "warmup_epochs": 1,
+    optimizer_defaults = {  # plain SGD, no LARS (train.py); lr, decay, warm-up: epoch_defaults
+        "name": "sgd", "lr": None, "lr_scaling": "linear", "lr_reference_batch": 32,
+        "weight_decay": None, "momentum": 0.9, "exclude_1d": False,
+        "schedule": "warmup0_cosine", "warmup_epochs": None,
     }
+
+    @classmethod
+    def epoch_defaults(cls, epochs: int, options: dict[str, Any]) -> dict[str, Any]:
+        """The official configs by length: base lr 0.75 up to 100 epochs (6.0 at B = 256), 0.375
+        for 200-400 and 0.1875 for 800; warm-up 1 epoch up to 100 epochs (10 with multi-crop),
+        else 10; weight decay 1e-6, or 2e-6 from 200 epochs with 4+ global views or multi-crop.
+        Between the official lengths (chosen): 101-199 epochs take the 200-epoch values and
+        401-799 the 400-epoch ones."""
+        if epochs <= 100:
+            lr, warmup = 0.75, 10 if options.get("multicrop") else 1
+        elif epochs < 800:
+            lr, warmup = 0.375, 10
+        else:
+            lr, warmup = 0.1875, 10
+        many_views = bool(options.get("multicrop")) or (options.get("views") or 2) >= 4
+        decay = 2.0e-6 if many_views and epochs > 100 else 1.0e-6
+        return {"optimizer": {"lr": lr, "weight_decay": decay, "warmup_epochs": warmup}}
 
     @classmethod
     def validate_config(cls, config: GroCoConfig) -> None:

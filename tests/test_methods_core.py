@@ -16,6 +16,7 @@ from torch import nn
 
 import methods
 from engine.config import resolve_run_config
+from engine.optim import OptimizerSettings
 from methods import (
     MethodConfigError,
     build_method,
@@ -168,6 +169,30 @@ def test_every_preset_composes_to_the_dataclass_fields_and_resolves_on_every_dat
             assert "auto" not in resolved
             assert all(resolved[k] is not None for k in per_dataset if k != "optimizer"), preset
             assert all(v is not None for v in resolved["optimizer"].values()), preset
+
+
+def test_groco_takes_the_official_values_of_its_training_length(tmp_path):
+    def optimizer(*overrides):
+        cfg = compose_config(["method=groco", f"results_dir={tmp_path}", *overrides])
+        resolved = resolve_run_config(cfg)["method"]["optimizer"]
+        return resolved["lr"], resolved["warmup_epochs"], resolved["weight_decay"]
+
+    assert compose_config(["method=groco"]).method.optimizer.lr is None  # set by the length
+    assert optimizer() == (0.75, 1, 1e-6)  # digits: 30 epochs (6.0 at B = 256)
+    assert optimizer("trainer.epochs=100") == (0.75, 1, 1e-6)
+    assert optimizer("method.multicrop=true") == (0.75, 10, 1e-6)
+    assert optimizer("dataset=cifar10") == (0.375, 10, 1e-6)  # 200 epochs
+    assert optimizer("trainer.epochs=101") == (0.375, 10, 1e-6)
+    assert optimizer("dataset=imagenet100") == (0.375, 10, 1e-6)  # 400 epochs
+    assert optimizer("trainer.epochs=799", "method.views=4") == (0.375, 10, 2e-6)
+    assert optimizer("trainer.epochs=200", "method.multicrop=true") == (0.375, 10, 2e-6)
+    assert optimizer("trainer.epochs=100", "method.views=4") == (0.75, 1, 1e-6)
+    assert optimizer("trainer.epochs=800") == (0.1875, 10, 1e-6)
+    assert optimizer("trainer.epochs=1000", "method.optimizer.lr=0.3",
+                     "method.optimizer.warmup_epochs=2") == (0.3, 2, 1e-6)  # the user's values
+    cfg = compose_config(["method=groco", f"results_dir={tmp_path}", "trainer.epochs=200"])
+    resolved = resolve_run_config(cfg)
+    assert OptimizerSettings.from_dict(resolved["method"]["optimizer"]).peak_lr(256) == 3.0
 
 
 def test_dataset_defaults_resolve_per_dataset(tmp_path):

@@ -271,6 +271,27 @@ def test_default_value_comes_from_the_methods_default_preset(tmp_path):
     assert sorted(main_table["setting"]) == ["", "method.topk_neg=5"]
 
 
+def test_a_long_run_is_labelled_by_the_defaults_of_its_own_length(tmp_path):
+    """GroCo's learning rate, warm-up and decay depend on trainer.epochs: a 1000-epoch default
+    run is `default`, not a variant of the preset resolved at the dataset's own 30 epochs."""
+    from engine.config import resolve_run_config
+    from tests.conftest import compose_config
+
+    runs = tmp_path / "runs"
+    for epochs, lr in ((1000, 0.1875), (30, 0.75)):
+        config = resolve_run_config(compose_config(["method=groco", f"trainer.epochs={epochs}"]))
+        assert config["method"]["optimizer"]["lr"] == lr
+        for seed in (0, 1):
+            record = rec("groco", "default", seed, 90.0 + seed, 91.0, epochs=epochs)
+            record["config"] = copy.deepcopy(config)
+            record["config"]["seed"] = seed
+            write(runs, record, f"groco-{epochs}-{seed}")
+    cells = build_report(runs, plots=False).cells
+    assert sorted(cells["epochs"]) == [30, 1000]
+    assert cells["method_diffs"].tolist() == [[], []]
+    assert set(cells["preset_label"]) == {"default"} and set(cells["setting"]) == {""}
+
+
 def test_intervals_are_clipped_and_marked(tmp_path):
     runs = tmp_path / "runs"
     for seed, knn in enumerate((97.5, 100.0, 100.0)):
