@@ -151,6 +151,7 @@ def evaluate_features(
         metrics["linear_converged"] = probe.converged and all(probe.holdout_converged.values())
         metrics["linear_iterations"] = dict(probe.iterations)
         metrics["linear_backend"] = probe.backend
+        metrics["linear_holdout_stratified"] = probe.holdout_stratified
         correct["linear"] = pack_bits(probe.correct)
     metrics["n_test"] = len(test_labels)
     metrics["n_train"] = len(train_labels)

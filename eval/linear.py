@@ -94,6 +94,8 @@ class ProbeResult:
     ``top1``/``top5`` are test-split percentages from the refit; ``correct`` is the per-image
     top-1 correctness (bool, CPU). ``converged`` refers to the refit; ``holdout_converged``
     records every grid fit. ``holdout_top1`` maps λ → hold-out top-1 (percent).
+    ``holdout_stratified`` is False where the hold-out split could not be stratified (a class
+    with one image, or fewer hold-out slots than classes) and fell back to a random split.
     """
 
     top1: float
@@ -109,6 +111,7 @@ class ProbeResult:
     n_iter: int = 0
     iterations: dict[str, int] = field(default_factory=dict)
     hessian_products: dict[str, int] = field(default_factory=dict)
+    holdout_stratified: bool = True  # False: a class too small to stratify (a warning said so)
 
 
 @dataclass
@@ -121,7 +124,8 @@ class _Fit:
     n_hess: int = 0  # Hessian-vector products (Newton-CG back end)
 
 
-def _holdout_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _holdout_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(fit indices, hold-out indices, whether the split is stratified)."""
     idx = np.arange(len(y))
     try:
         fit_idx, hold_idx = train_test_split(idx, test_size=0.1, stratify=y, random_state=seed)
@@ -133,7 +137,8 @@ def _holdout_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
             stacklevel=3,
         )
         fit_idx, hold_idx = train_test_split(idx, test_size=0.1, random_state=seed)
-    return fit_idx, hold_idx
+        return fit_idx, hold_idx, False
+    return fit_idx, hold_idx, True
 
 
 def _standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -548,7 +553,7 @@ def _probe(
     tol: float,
 ) -> ProbeResult:
     device = f_train.device
-    fit_idx, hold_idx = _holdout_split(y_train.cpu().numpy(), split_seed)
+    fit_idx, hold_idx, stratified = _holdout_split(y_train.cpu().numpy(), split_seed)
     fit_idx_t = torch.as_tensor(fit_idx, device=device)
     hold_idx_t = torch.as_tensor(hold_idx, device=device)
     x_fit, y_fit = f_train[fit_idx_t], y_train[fit_idx_t]
@@ -609,4 +614,5 @@ def _probe(
         n_iter=fit.n_iter,
         iterations=iterations,
         hessian_products=hessian_products,
+        holdout_stratified=stratified,
     )

@@ -353,6 +353,9 @@ def test_evaluate_features_one_pass_equals_separate_calls():
     assert (metrics["knn20_top1"], metrics["knn20_top5"]) == (ref20.top1, ref20.top5)
     assert (metrics["knn200_top1"], metrics["knn200_top5"]) == (ref150.top1, ref150.top5)
     assert metrics["knn200_k_used"] == 150 and "knn20_k_used" not in metrics
+    assert "linear_holdout_stratified" not in metrics  # linear=False
+    with_probe = evaluate_features(xtr, ytr, xte, yte, settings[:1], chunk_size=16)["metrics"]
+    assert with_probe["linear_holdout_stratified"] is True
     assert metrics["knn_curve"] == {
         str(k): knn_evaluate(xtr, ytr, xte, yte, k=k, temperature=CURVE_TEMPERATURE,
                              num_classes=c).top1
@@ -499,7 +502,11 @@ def test_linear_probe_absent_classes(backend):
     assert not res.correct[yte == 3].any()
     assert res.correct[yte != 3].all()
     assert res.top1 == pytest.approx(80.0)
-    assert res.backend == backend
+    assert res.backend == backend and res.holdout_stratified is False
+    stratifiable = ytr != 5
+    full = linear_probe(xtr[stratifiable], ytr[stratifiable], xte, yte, backend=backend,
+                        lambdas=(1e-3, 1e-2))
+    assert full.holdout_stratified is True
 
 
 @pytest.mark.parametrize("backend", ["torch", "sklearn"])
