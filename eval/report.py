@@ -542,8 +542,8 @@ def compare_cells(
 
     Matched seeds n ≥ 2: paired t (``paired_comparison``), MDE from the SD of the per-seed
     differences, seeds needed for the observed Δ. n = 1: paired bootstrap over test images (no
-    p-value); MDE and seeds needed from the bootstrap SE (test-set sampling only, so the seed
-    count is a lower bound). n = 0: "no matched seeds", unless ``unpaired_fallback`` and the
+    p-value); MDE and seeds needed from the bootstrap SE (test-set sampling only; the spread
+    across training seeds may be smaller or larger, so the seed count is a rough guide). n = 0: "no matched seeds", unless ``unpaired_fallback`` and the
     method has ≥ 2 seeds: a one-sample t-test against a single base value or Welch's t-test.
     """
     m, b = _values(method_cell, metric), _values(base_cell, metric)
@@ -576,7 +576,7 @@ def compare_cells(
                 test="paired bootstrap", mde=mde, sd=se,
                 note="single matched seed: paired bootstrap over test images",
                 seeds_needed=seeds_needed(abs(observed), se),
-                power_basis="bootstrap SE (test images only; seeds needed is a lower bound)",
+                power_basis="bootstrap SE (test images only; seeds needed is a rough guide)",
             )
     elif unpaired_fallback and len(m) >= 2 and len(b) >= 1:
         result = two_sample_comparison(list(m.values()), list(b.values()))
@@ -1490,8 +1490,9 @@ COMPARISONS_LEGEND = (
     f"{POWER}, from the observed SD of the per-seed Δ and n (noncentral t). `seeds for Δ`: the "
     f"matched seeds that would detect the observed Δ with that power (searched up to "
     f"{MAX_SEEDS}). {MARK_BOOTSTRAP} one matched seed: both from the paired bootstrap's SE over "
-    "test images (MDE = 2.80 × SE), which holds test-set sampling only, so the seed count, "
-    "marked +, is a lower bound."
+    "test images (MDE = 2.80 × SE), which holds test-set sampling only: the spread of Δ across "
+    "training seeds, which one seed cannot show, may be smaller or larger, so read the seed "
+    "count, marked +, as a rough guide."
 )
 
 
