@@ -559,6 +559,8 @@ def test_one_seed_comparison_uses_the_bootstrap_for_power(tmp_path):
     report = build_report(runs, plots=False, presets=PRESETS)
     row = report.tables["deltas"].iloc[0]
     assert row["test"] == "paired bootstrap" and math.isnan(row["p_value"])
+    assert set(report.tables["deltas"]["note"]) == {
+        "single matched seed: paired bootstrap over test images"}
     from eval.stats import bootstrap_mde, paired_bootstrap_diffs
 
     observed, diffs = paired_bootstrap_diffs(np.arange(200) < 120, np.arange(200) < 100)
@@ -682,15 +684,21 @@ def test_interrupted_report_write_keeps_the_previous_files(runs, tmp_path, capsy
 
 
 def test_correctness_bits_feed_the_bootstrap(tmp_path):
-    """A one-seed cell's interval is the percentile bootstrap of its packed correctness bits."""
+    """A one-seed cell's interval is the percentile bootstrap of the packed correctness bits of
+    the run that holds the metric (a run without it once lent its bits)."""
     runs = tmp_path / "runs"
-    record = rec("simclr", "solo", 0, 75.0, 80.0, n_test=40)
+    without = rec("simclr", "solo", 0, 75.0, 80.0, n_test=40)
+    del without["metrics"]["knn20_top1"]
+    without["correct"]["knn20"] = pack_bits(np.zeros(40, dtype=bool))
+    write(runs, without, "s0")
+    record = rec("simclr", "solo", 1, 75.0, 80.0, n_test=40)
     bits = np.arange(40) % 4 != 0  # 30 of 40
     record["correct"]["knn20"] = pack_bits(bits)
-    write(runs, record, "s")
+    write(runs, record, "s1")
     row = build_report(runs, plots=False, presets=PRESETS).tables["main"].iloc[0]
     _, low, high = bootstrap_ci(bits)
     assert (row["knn20_top1_ci_low"], row["knn20_top1_ci_high"]) == (low, high)
+    assert row["knn20_top1_ci_kind"] == "bootstrap" and math.isnan(row["knn20_top1_sd"])
 
 
 def test_a_run_stored_twice_counts_once_and_is_listed(tmp_path):
@@ -715,27 +723,3 @@ def test_a_run_stored_twice_counts_once_and_is_listed(tmp_path):
     kept = {r["run_dir"] for r in report.records}
     assert kept == {str(runs / "copy" / f"simclr-{s}") for s in range(3)}
     assert problems["detail"].iloc[0].startswith("the same cell and seed 0 as ")
-
-
-def test_single_seed_summary_uses_the_correctness_of_the_same_run(tmp_path):
-    """The n = 1 bootstrap takes the correctness bits of the run that holds the metric, and the
-    comparison's note says the bootstrap was used."""
-    runs = tmp_path / "runs"
-    without = rec("simclr", "solo", 0, 75.0, 80.0, n_test=40)
-    del without["metrics"]["knn20_top1"]
-    without["correct"]["knn20"] = pack_bits(np.zeros(40, dtype=bool))
-    write(runs, without, "s0")
-    having = rec("simclr", "solo", 1, 75.0, 80.0, n_test=40)
-    bits = np.arange(40) % 4 != 0  # 30 of 40
-    having["correct"]["knn20"] = pack_bits(bits)
-    write(runs, having, "s1")
-    row = build_report(runs, plots=False, presets=PRESETS).tables["main"].iloc[0]
-    _, low, high = bootstrap_ci(bits)
-    assert (row["knn20_top1_ci_low"], row["knn20_top1_ci_high"]) == (low, high)
-    assert row["knn20_top1_ci_kind"] == "bootstrap" and math.isnan(row["knn20_top1_sd"])
-
-    runs = tmp_path / "pair"
-    write(runs, rec("simclr", "solo", 0, 50.0, 50.0, n_test=200), "s")
-    write(runs, rec("nnclr", "solo", 0, 60.0, 60.0, n_test=200, base="simclr/solo"), "n")
-    notes = set(build_report(runs, plots=False, presets=PRESETS).tables["deltas"]["note"])
-    assert notes == {"single matched seed: paired bootstrap over test images"}
