@@ -85,8 +85,9 @@ def build_optimizer(
     Weight decay applies to every parameter, as ``torch.optim`` over ``model.parameters()`` does
     in MoCo's, CLD's, ASCL's and GroCo's code. With ``exclude_1d`` (solo-learn's
     ``exclude_bias_n_norm``) a group flagged ``is_1d`` (biases, norm weights) gets no weight decay
-    and, for ``lars``, no trust-ratio adaptation; ``larc`` ignores it. A group with ``lr_scale`` runs at that
-    multiple of the peak lr; one with ``fixed_lr`` at that lr (both follow the schedule).
+    and, for ``lars``, no trust-ratio adaptation; ``larc`` ignores it. A group with ``lr_scale``
+    runs at that multiple of the peak lr; one with ``fixed_lr`` at that lr (both follow the
+    schedule).
     """
     param_groups = []
     for group in groups:

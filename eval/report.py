@@ -13,9 +13,10 @@ Per dataset (``--dataset NAME`` keeps one, e.g. for ``results/fashion_mnist/tabl
   ``random_init``) first, then the methods. Each method's default preset reads ``default``; any
   other preset reads its name, and a swept variant lists the values that differ from its preset.
   Accuracies are mean ± 95% Student-t half-width, then (s …) the sample SD, over n seeds (n = 1:
-  a percentile bootstrap over test images, marked †); an interval that leaves [0, 100] is clipped and marked ‡. Linear top-5
-  is left out on datasets with 10 classes or fewer. A probe whose λ sits at an end of its grid or
-  that did not converge is marked in its cell and explained under the table. A k-NN column whose
+  a percentile bootstrap over test images, marked †); an interval that leaves [0, 100] is
+  clipped and marked ‡. Linear top-5 is left out on datasets with 10 classes or fewer. A probe
+  whose λ sits at an end of its grid or that did not converge is marked in its cell and
+  explained under the table. A k-NN column whose
   runs used a smaller k than asked (k > N_train) names the k used;
 - **methods vs the reference rows**: "beats" a reference means the method's mean is above the
   reference's and the difference is significant after Holm's correction over that table's
@@ -543,8 +544,9 @@ def compare_cells(
     Matched seeds n ≥ 2: paired t (``paired_comparison``), MDE from the SD of the per-seed
     differences, seeds needed for the observed Δ. n = 1: paired bootstrap over test images (no
     p-value); MDE and seeds needed from the bootstrap SE (test-set sampling only; the spread
-    across training seeds may be smaller or larger, so the seed count is a rough guide). n = 0: "no matched seeds", unless ``unpaired_fallback`` and the
-    method has ≥ 2 seeds: a one-sample t-test against a single base value or Welch's t-test.
+    across training seeds may be smaller or larger, so the seed count is a rough guide).
+    n = 0: "no matched seeds", unless ``unpaired_fallback`` and the method has ≥ 2 seeds: a
+    one-sample t-test against a single base value or Welch's t-test.
     """
     m, b = _values(method_cell, metric), _values(base_cell, metric)
     paired = paired_comparison(m, b)

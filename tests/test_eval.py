@@ -376,7 +376,8 @@ def test_evaluate_features_refuses_features_that_are_not_finite(linear, bad):
     settings = [{"k": 20, "temperature": 0.07}]
     broken = xtr.clone()
     broken[::10, 0] = bad
-    with pytest.raises(ValueError, match=r"^train_features contains NaN or Inf \(15 of 150 rows\)$"):
+    message = r"^train_features contains NaN or Inf \(15 of 150 rows\)$"
+    with pytest.raises(ValueError, match=message):
         evaluate_features(broken, ytr, xte, yte, settings, linear=linear)
     broken = xte.clone()
     broken[3] = bad
