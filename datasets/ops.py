@@ -9,6 +9,7 @@ default generator of that device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "resized_crop",
     "rgb_to_grayscale",
     "sample_crop_boxes",
+    "random_erase",
     "solarize",
 ]
 
@@ -355,6 +357,46 @@ def solarize(images: Tensor, threshold: float, mask: Tensor | None = None) -> Te
     if mask is not None:
         hit = hit & mask.view(-1, 1, 1, 1)
     return torch.where(hit, 1.0 - images, images)
+
+
+# Tries per image before RandomErasing gives up and leaves the image whole (torchvision's 10).
+ERASE_TRIES = 10
+
+
+def random_erase(
+    images: Tensor,
+    mask: Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``RandomErasing(p, scale, ratio, value=0)`` on the images where ``mask`` is True.
+
+    Per image, as torchvision draws it: up to 10 tries of an area ``H·W·U(scale)`` and an aspect
+    ratio ``exp(U(log ratio))``, rounded to a box ``h = round(√(area·r))``, ``w = round(√(area/r))``;
+    the first box with ``h < H`` and ``w < W`` is placed uniformly and set to 0; an image whose
+    ten tries all fail is left whole. Applied after normalisation, 0 is the channel mean.
+    """
+    n, _, height, width = images.shape
+    device = images.device
+    fraction = scale[0] + (scale[1] - scale[0]) * _rand(n, device, generator, ERASE_TRIES)
+    area = height * width * fraction
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand(n, device, generator, ERASE_TRIES))
+    box_h = torch.round(torch.sqrt(area * aspect)).long()
+    box_w = torch.round(torch.sqrt(area / aspect)).long()
+    fits = (box_h < height) & (box_w < width)
+    first = fits.long().argmax(dim=1, keepdim=True)  # the first try that fits
+    box_h, box_w = box_h.gather(1, first).squeeze(1), box_w.gather(1, first).squeeze(1)
+    top = (_rand(n, device, generator) * (height - box_h + 1)).long()
+    left = (_rand(n, device, generator) * (width - box_w + 1)).long()
+    rows = torch.arange(height, device=device).view(1, -1)
+    cols = torch.arange(width, device=device).view(1, -1)
+    inside_rows = (rows >= top.view(-1, 1)) & (rows < (top + box_h).view(-1, 1))
+    inside_cols = (cols >= left.view(-1, 1)) & (cols < (left + box_w).view(-1, 1))
+    erase = inside_rows.unsqueeze(2) & inside_cols.unsqueeze(1)  # (N, H, W)
+    erase &= (mask & fits.any(dim=1)).view(-1, 1, 1)
+    return images.masked_fill(erase.unsqueeze(1), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

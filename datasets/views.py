@@ -40,6 +40,7 @@ from datasets.ops import (
     gaussian_blur,
     hflip,
     normalize,
+    random_erase,
     resized_crop,
     rgb_to_grayscale,
     sample_crop_boxes,
@@ -62,6 +63,7 @@ __all__ = [
     "gaussian_blur",
     "hflip",
     "normalize",
+    "random_erase",
     "resized_crop",
     "rgb_to_grayscale",
     "sample_crop_boxes",
@@ -79,8 +81,9 @@ class ViewConfig:
     """The random transform that produces one view.
 
     Pipeline order: crop -> flip -> colour jitter (applied as a whole with ``jitter_p``) ->
-    grayscale -> blur -> solarise -> normalise. A jitter strength of 0 disables that component;
-    a probability of 0 disables that op.
+    grayscale -> blur -> solarise -> normalise -> random erasing (``erase_p``, CLD's CIFAR-10
+    pipeline). A jitter strength of 0 disables that component; a probability of 0 disables that
+    op.
     """
 
     size: int
@@ -98,11 +101,14 @@ class ViewConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
+    erase_p: float = 0.0
+    erase_scale: tuple[float, float] = (0.02, 0.33)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
 
     def __post_init__(self) -> None:
         # Configs often arrive from YAML (lists, ints); coerce so the frozen value is hashable
         # and compares equal to one built in code.
-        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+        for name in ("crop_scale", "crop_ratio", "blur_sigma", "erase_scale", "erase_ratio"):
             value = getattr(self, name)
             if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
                 raise ValueError(f"ViewConfig.{name}={value!r} is invalid: need a pair (lo, hi)")
@@ -136,7 +142,7 @@ class ViewConfig:
         check("crop_scale", 0.0 < lo <= hi <= 1.0, "0 < lo <= hi <= 1")
         lo, hi = self.crop_ratio
         check("crop_ratio", 0.0 < lo <= hi < math.inf, "0 < lo <= hi < inf")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "erase_p"):
             check(name, 0.0 <= getattr(self, name) <= 1.0, "[0, 1]")
         for name in ("brightness", "contrast", "saturation"):
             check(name, 0.0 <= getattr(self, name) < math.inf, "[0, inf)")
@@ -157,6 +163,10 @@ class ViewConfig:
                 f"an odd integer with blur_kernel // 2 < size ({self.size}) when blur_p > 0",
             )
         check("solarize_threshold", 0.0 <= self.solarize_threshold <= 1.0, "[0, 1]")
+        lo, hi = self.erase_scale
+        check("erase_scale", 0.0 < lo <= hi <= 1.0, "0 < lo <= hi <= 1")
+        lo, hi = self.erase_ratio
+        check("erase_ratio", 0.0 < lo <= hi < math.inf, "0 < lo <= hi < inf")
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,8 +279,13 @@ class MultiViewAugment(torch.nn.Module):
         x = _to_float(images)
         mean = self.mean.to(x.device).view(-1, 1, 1)
         std = self.std.to(x.device).view(-1, 1, 1)
+        cfg = self.views[view]
         with torch.no_grad():
-            return (_augment_view(x, self.views[view], generator) - mean) / std
+            out = (_augment_view(x, cfg, generator) - mean) / std
+            if cfg.erase_p > 0:
+                out = random_erase(out, _bernoulli(len(out), cfg.erase_p, out, generator),
+                                   cfg.erase_scale, cfg.erase_ratio, generator)
+            return out
 
     def extra_repr(self) -> str:
         return f"views={len(self.views)}"
@@ -341,7 +356,9 @@ RECIPES: dict[str, Recipe] = {
     "kmnist": _GLYPHS,
 }
 DATASETS = tuple(RECIPES)
-VIEW_KINDS = ("shared", "weak", "global1", "global2", "local")
+# The `official` family (augment=official): each method's published pipeline (docs/recipes.md §3).
+OFFICIAL_KINDS = ("simclr", "byol1", "byol2", "mocov2", "mocov2_erase", "cld_basic")
+VIEW_KINDS = ("shared", "weak", "global1", "global2", "local", *OFFICIAL_KINDS)
 
 # docs/recipes.md §3: blur is switched off on images of 64 px or less.
 _NO_BLUR_MAX_SIZE = 64
@@ -359,6 +376,8 @@ def view_config(dataset: str, kind: str, image_size: int) -> ViewConfig:
     if kind not in VIEW_KINDS:
         raise ValueError(f"unknown view kind {kind!r}; valid kinds: {', '.join(VIEW_KINDS)}")
     recipe = RECIPES[dataset]
+    if kind in OFFICIAL_KINDS:
+        return _official_view(kind, image_size, recipe.blur_kernel)
 
     if kind == "shared":
         return ViewConfig(
@@ -416,3 +435,38 @@ def view_config(dataset: str, kind: str, image_size: int) -> ViewConfig:
         blur_kernel=recipe.blur_kernel,
         solarize_p=solar,
     )
+
+
+def _official_view(kind: str, size: int, blur_kernel: int) -> ViewConfig:
+    """One view of a method's published pipeline (docs/recipes.md §3, ``official``). All flip
+    with p 0.5, convert to grey with p 0.2 and crop with the default aspect ratios; blur σ is
+    drawn from [0.1, 2] with the dataset's kernel (9, or 23 at ImageNet size; chosen where the
+    official code blurs by radius).
+
+    - ``simclr``: SimCLR (solo-learn's symmetric pipeline, GroCo's SimCLR baseline): scale
+      (0.08, 1), ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, blur p 0.5.
+    - ``byol1`` / ``byol2``: BYOL's asymmetric pair (NNCLR, All4One): scale (0.08, 1),
+      ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, solarise p 0 / 0.2, blur p 1.0 / 0.1 above 64 px
+      and none at CIFAR size (solo-learn's CIFAR and ImageNet-100 configs).
+    - ``mocov2``: MoCo v2's ``aug_plus`` (MoCo, ASCL's strong view): scale (0.2, 1),
+      ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, blur p 0.5 at every size (as CLD's 32-px copy).
+    - ``mocov2_erase``: ``aug_plus`` then RandomErasing p 1 after normalisation (CLD's CIFAR-10).
+    - ``cld_basic``: CLD's CIFAR-100 pipeline: scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.4)
+      always, no blur.
+    """
+    common = {"size": size, "flip_p": 0.5, "grayscale_p": 0.2, "blur_kernel": blur_kernel}
+    if kind == "simclr":
+        return ViewConfig(**common, crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.8,
+                          contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.5)
+    if kind in ("byol1", "byol2"):
+        first = kind == "byol1"
+        blur = (1.0 if first else 0.1) if size > _NO_BLUR_MAX_SIZE else 0.0
+        return ViewConfig(**common, crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4,
+                          contrast=0.4, saturation=0.2, hue=0.1, blur_p=blur,
+                          solarize_p=0.0 if first else 0.2)
+    if kind == "cld_basic":
+        return ViewConfig(**common, crop_scale=(0.2, 1.0), jitter_p=1.0, brightness=0.4,
+                          contrast=0.4, saturation=0.4, hue=0.4, blur_p=0.0)
+    return ViewConfig(**common, crop_scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4,
+                      saturation=0.4, hue=0.1, blur_p=0.5,
+                      erase_p=1.0 if kind == "mocov2_erase" else 0.0)

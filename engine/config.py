@@ -34,6 +34,11 @@ from methods import get_method_class
 METHOD_META_KEYS = ("name", "preset", "base", "optimizer", "auto")
 CONFIG_DIR = Path(configs.__file__).resolve().parent
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUGMENT_FAMILIES = ("shared", "official")
+# The datasets the published pipelines were written for (colour natural images); the grey glyph
+# datasets keep their own recipe, which neither flips nor jitters hue.
+OFFICIAL_AUGMENT_DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100",
+                             "imagefolder")
 PROBE_BACKENDS = ("torch", "sklearn")
 KNN_KEYS = ("k", "temperature")
 # Keys whose values are free-form and checked by their consumer before training starts
@@ -140,6 +145,16 @@ def _check_device(value: Any) -> None:
         raise ConfigError(f"invalid trainer.device={value!r}; {valid}") from None
 
 
+def _check_augment(augment: Any, dataset: str) -> None:
+    _choice("augment", augment, AUGMENT_FAMILIES)
+    if augment == "official" and dataset not in OFFICIAL_AUGMENT_DATASETS:
+        raise ConfigError(
+            f"invalid augment=official with dataset={dataset}: the published pipelines are for "
+            f"colour images ({', '.join(OFFICIAL_AUGMENT_DATASETS)}); {dataset} has "
+            "augment=shared only (its recipe, docs/datasets.md)"
+        )
+
+
 def _check_values(config: dict[str, Any]) -> None:
     """Every non-method setting that is not resolved from the dataset (those are checked there)."""
     seed = config["seed"]
@@ -152,6 +167,7 @@ def _check_values(config: dict[str, Any]) -> None:
     # Checked without creating anything, so that a grid is refused before its first run trains.
     check_writable_dir(results_dir)
     _flag("smoke", config.get("smoke", False))
+    _check_augment(config["augment"], config["dataset"]["name"])
     trainer = config["trainer"]
     _check_device(trainer["device"])
     _choice("trainer.precision", trainer["precision"], PRECISIONS)

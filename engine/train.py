@@ -357,7 +357,8 @@ def build(config: dict[str, Any], run_dir: Path, ctx: DistContext) -> Built:
                   autocast, scaler)
     if not method.trains:
         return built
-    views = [view_config(bundle.name, kind, bundle.image_size) for kind in method.view_kinds()]
+    kinds = method.augmentation_kinds(config["augment"], bundle.name)
+    views = [view_config(bundle.name, kind, bundle.image_size) for kind in kinds]
     built.batches = TrainBatches(
         bundle, views, trainer["batch_size"], device, seed, trainer["num_workers"],
         trainer.get("max_steps_per_epoch"), rank=ctx.rank, world_size=world,

@@ -342,7 +342,8 @@ def preflight(
             )
             if backbone is None:
                 continue
-            method_key = _frozen(["method", config["method"], backbone_key, data_key])
+            method_key = _frozen(["method", config["method"], backbone_key, data_key,
+                                  config["augment"]])
             by_method.setdefault(method_key, []).append((label, config, bundle, backbone, data_key))
 
         # One method at a time, each built once on its own copy of the backbone (a method may
@@ -350,12 +351,14 @@ def preflight(
         for method_key, jobs in by_method.items():
             label, config, bundle, backbone, _ = jobs[0]
             method_cfg = config["method"]
+            augment = config["augment"]
 
-            def make_method(method_cfg=method_cfg, backbone=backbone, bundle=bundle) -> Any:
+            def make_method(method_cfg=method_cfg, backbone=backbone, bundle=bundle,
+                            augment=augment) -> Any:
                 method = build_method(
                     method_cfg["name"], copy.deepcopy(backbone), **method_options(method_cfg)
                 )
-                for kind in method.view_kinds():
+                for kind in method.augmentation_kinds(augment, bundle.name):
                     view_config(bundle.name, kind, bundle.image_size)
                 return method
 

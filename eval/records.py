@@ -59,18 +59,33 @@ NON_SEMANTIC_KEYS = (
 )
 # A cell's runs differ only in their seed (docs/protocol.md §5).
 NON_CELL_KEYS = (("seed",), *NON_SEMANTIC_KEYS)
+# Keys that change what a run computes but came after runs existed: left out of the run hash and
+# the cell while they hold the value every earlier run had, so such a run keeps its directory and
+# its cell.
+DEFAULT_ONLY_KEYS: dict[tuple[str, ...], Any] = {("augment",): "shared"}
 
 
 def drop_keys(config: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
-    """A deep copy of ``config`` without the nested keys in ``paths``."""
+    """A deep copy of ``config`` without the nested keys in ``paths``, and without the
+    ``DEFAULT_ONLY_KEYS`` that hold their default value."""
     out = copy.deepcopy(config)
     for path in paths:
-        node = out
-        for key in path[:-1]:
-            node = node.get(key, {})
-        if isinstance(node, dict):
-            node.pop(path[-1], None)
+        _pop(out, path)
+    for path, default in DEFAULT_ONLY_KEYS.items():
+        _pop(out, path, only_if=default)
     return out
+
+
+_ANY = object()
+
+
+def _pop(config: dict[str, Any], path: tuple[str, ...], only_if: Any = _ANY) -> None:
+    node: Any = config
+    for key in path[:-1]:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict) and path[-1] in node:
+        if only_if is _ANY or node[path[-1]] == only_if:
+            node.pop(path[-1])
 
 
 # --------------------------------------------------------------------------------------------

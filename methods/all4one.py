@@ -492,6 +492,9 @@ class All4One(IndexLabelsMixin, SSLMethod):
         # A fresh container each call, so backbone and projector are not registered twice.
         return nn.Sequential(self.backbone, self.projector)
 
+    def official_view_kinds(self, dataset: str) -> list[str]:
+        return ["byol1", "byol2"]  # BYOL's asymmetric pair, as solo-learn's configs
+
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         super().check_batch(batch_size, dataset_size)
         k = self.config.n_neighbors

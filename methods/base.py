@@ -161,6 +161,21 @@ class SSLMethod(nn.Module, abc.ABC):
         """Augmentation kind of each view the method consumes (datasets.views.view_config)."""
         return ["shared", "shared"]
 
+    def official_view_kinds(self, dataset: str) -> list[str]:
+        """The view kinds of the method's published pipeline on ``dataset`` (``augment=official``;
+        datasets.views.OFFICIAL_KINDS), one per view of ``view_kinds``. A trained method without
+        one refuses the setting; a reference row takes no training views."""
+        if not self.trains:
+            return self.view_kinds()
+        raise MethodConfigError(
+            f"method {self.name} has no published pipeline in this harness; use augment=shared"
+        )
+
+    def augmentation_kinds(self, augment: str, dataset: str) -> list[str]:
+        """The view kinds a run uses: ``view_kinds`` (``augment=shared``) or
+        ``official_view_kinds`` (``augment=official``)."""
+        return self.official_view_kinds(dataset) if augment == "official" else self.view_kinds()
+
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         """Raise MethodConfigError when the global batch or the dataset is too small."""
         if batch_size < 2:

@@ -50,6 +50,7 @@ from methods.moco import (
     build_head,
     check_moco_batch,
     check_moco_options,
+    cld_official_kind,
     moco_infonce_loss,
     moco_view_kinds,
     momentum_keys,
@@ -423,6 +424,12 @@ class CLD(SSLMethod):
         if self.config.base_loss == "simclr":
             return ["shared", "shared"]
         return moco_view_kinds(self.config)
+
+    def official_view_kinds(self, dataset: str) -> list[str]:
+        strong = cld_official_kind(dataset)
+        if self.config.base_loss == "simclr":
+            return [strong, strong]
+        return moco_view_kinds(self.config, strong)
 
     def local_bn_modules(self) -> list[nn.Module]:
         # the SimCLR base has no key encoder to keep out of SyncBN

@@ -337,6 +337,12 @@ class GroCo(SSLMethod):
             return ["global1", "global2"] + ["local"] * cfg.local_views
         return ["shared"] * cfg.views
 
+    def official_view_kinds(self, dataset: str) -> list[str]:
+        # GroCo's DINO-style views, t1 and t2 alternating (3 views: t1, t2, t1)
+        if self.config.multicrop:
+            return self.view_kinds()
+        return [("global1", "global2")[i % 2] for i in range(self.config.views)]
+
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         super().check_batch(batch_size, dataset_size)
         k = self.config.topk_neg

@@ -157,10 +157,21 @@ def check_moco_batch(
         )
 
 
-def moco_view_kinds(config: MoCoConfig) -> list[str]:
-    """The online views (``shared``) and, last, the key view (``weak`` or ``shared``)."""
-    key_kind = "weak" if config.key_view == "weak" else "shared"
-    return ["shared"] * (config.views - 1) + [key_kind]
+def moco_view_kinds(config: MoCoConfig, strong: str = "shared") -> list[str]:
+    """The online views (``strong``) and, last, the key view (``weak`` or ``strong``)."""
+    key_kind = "weak" if config.key_view == "weak" else strong
+    return [strong] * (config.views - 1) + [key_kind]
+
+
+def cld_official_kind(dataset: str) -> str:
+    """CLD's published views per dataset (its dataloader): MoCo v2's ``aug_plus`` then random
+    erasing on CIFAR-10 (and, chosen, STL-10 and Tiny-ImageNet, which take CIFAR-10's script
+    values), its ``basic`` pipeline on CIFAR-100, MoCo v2's ``aug_plus`` on ImageNet sizes."""
+    if dataset == "cifar100":
+        return "cld_basic"
+    if dataset in ("imagenet100", "imagefolder"):
+        return "mocov2"
+    return "mocov2_erase"
 
 
 @torch.no_grad()
@@ -201,6 +212,12 @@ class MoCo(SSLMethod):
 
     def view_kinds(self) -> list[str]:
         return moco_view_kinds(self.config)
+
+    def official_view_kinds(self, dataset: str) -> list[str]:
+        # the cld_base preset is CLD's scripts with λ = 0, so it takes CLD's views; MoCo v2 and
+        # ASCL's base (its strong view; the weak key view stays) take MoCo v2's aug_plus
+        strong = cld_official_kind(dataset) if self.config.preset == "cld_base" else "mocov2"
+        return moco_view_kinds(self.config, strong)
 
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         super().check_batch(batch_size, dataset_size)

@@ -260,6 +260,9 @@ class NNCLR(IndexLabelsMixin, SSLMethod):
         self.queue = FeatureQueue(config.queue_size, config.proj_output_dim, init=config.queue_init)
         self.register_buffer("index_labels", None, persistent=False)
 
+    def official_view_kinds(self, dataset: str) -> list[str]:
+        return ["byol1", "byol2"]  # BYOL's asymmetric pair, as solo-learn's configs
+
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         super().check_batch(batch_size, dataset_size)
         self.queue.check_batch(batch_size)

@@ -133,6 +133,10 @@ class SimCLR(SSLMethod):
     def view_kinds(self) -> list[str]:
         return ["shared"] * self.config.views
 
+    def official_view_kinds(self, dataset: str) -> list[str]:
+        # solo-learn's symmetric pipeline; GroCo's SimCLR baseline uses the same parameters
+        return ["simclr"] * self.config.views
+
     def check_batch(self, batch_size: int, dataset_size: int) -> None:
         super().check_batch(batch_size, dataset_size)
         k = self.config.topk_neg

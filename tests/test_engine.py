@@ -48,6 +48,33 @@ def test_run_dir_is_keyed_by_seed_and_config():
     assert run_dir_for(a) == run_dir_for(d)  # progress bars do not change results
 
 
+def test_augment_official_trains_on_the_published_views(tmp_path, monkeypatch):
+    """MoCo as CLD's base on CIFAR-10 with augment=official: three aug_plus crops, each erased
+    after normalisation, and the record says augment=official."""
+    import datasets.views as views_module
+    from tests.test_datasets import _write_cifar10
+
+    _write_cifar10(tmp_path / "data", per_batch=16)
+    erased: list[int] = []
+    real_erase = views_module.random_erase
+
+    def counting_erase(images, *args, **kwargs):
+        erased.append(len(images))
+        return real_erase(images, *args, **kwargs)
+
+    monkeypatch.setattr(views_module, "random_erase", counting_erase)
+    overrides = [f"results_dir={tmp_path / 'results'}", "dataset=cifar10",
+                 f"dataset.root={tmp_path / 'data'}", "backbone=test_resnet",
+                 "method=moco_cld_base", "method.queue_size=32", "augment=official",
+                 "trainer.epochs=1", "trainer.batch_size=16", "trainer.max_steps_per_epoch=2",
+                 "trainer.progress=false", "eval.linear=false"]
+    run(compose_config(overrides))
+    assert erased == [16] * 3 * 2  # 3 views of each of the 2 batches
+    record = json.loads((run_dir_for(resolve_run_config(compose_config(overrides)))
+                         / "record.json").read_text())
+    assert record["status"] == "finished" and record["config"]["augment"] == "official"
+
+
 def test_bad_values_fail_before_training():
     with pytest.raises(ConfigError, match="trainer.epochs=0"):
         resolve_run_config(compose_config(["trainer.epochs=0"]))

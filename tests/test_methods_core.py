@@ -3,6 +3,7 @@ queue / momentum semantics."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -15,10 +16,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import methods
-from engine.config import resolve_run_config
+from engine.config import ConfigError, method_options, resolve_run_config
 from engine.optim import OptimizerSettings
 from methods import (
     MethodConfigError,
+    SSLMethod,
     build_method,
     default_grid_presets,
     get_method_class,
@@ -193,6 +195,60 @@ def test_groco_takes_the_official_values_of_its_training_length(tmp_path):
     cfg = compose_config(["method=groco", f"results_dir={tmp_path}", "trainer.epochs=200"])
     resolved = resolve_run_config(cfg)
     assert OptimizerSettings.from_dict(resolved["method"]["optimizer"]).peak_lr(256) == 3.0
+
+
+# augment=official: each trained preset's published views (docs/recipes.md §3)
+CLD_OFFICIAL = {"cifar10": ["mocov2_erase"] * 3, "cifar100": ["cld_basic"] * 3,
+                "imagenet100": ["mocov2"] * 3}
+OFFICIAL_VIEWS = {
+    "simclr": ["simclr"] * 2, "simclr_groco_baseline": ["simclr"] * 2,
+    "nnclr": ["byol1", "byol2"], "all4one": ["byol1", "byol2"],
+    "moco": ["mocov2"] * 2, "moco_ascl_base": ["mocov2", "weak"], "ascl": ["mocov2", "weak"],
+    "moco_cld_base": CLD_OFFICIAL, "cld": CLD_OFFICIAL, "groco": ["global1", "global2"],
+}
+
+
+def test_augment_official_gives_each_method_its_published_views(tmp_path):
+    trained = [p for p in default_grid_presets()
+               if get_method_class(compose_config([f"method={p}"]).method.name).trains]
+    assert sorted(OFFICIAL_VIEWS) == sorted(trained)
+    for preset, views in OFFICIAL_VIEWS.items():
+        for dataset in ("cifar10", "cifar100", "imagenet100"):
+            config = resolve_run_config(compose_config(
+                [f"method={preset}", f"dataset={dataset}", f"results_dir={tmp_path}",
+                 "augment=official"]))
+            method = build_method(config["method"]["name"], TinyBackbone(),
+                                  **method_options(config["method"]))
+            want = views[dataset] if isinstance(views, dict) else views
+            assert method.augmentation_kinds("official", dataset) == want, (preset, dataset)
+            assert method.augmentation_kinds("shared", dataset) == method.view_kinds()
+    groco = build_method("groco", TinyBackbone(), views=3)
+    assert groco.augmentation_kinds("official", "cifar10") == ["global1", "global2", "global1"]
+    # a trained method without a published pipeline refuses it rather than train on shared views
+    with pytest.raises(MethodConfigError, match="simclr has no published pipeline.*augment=shared"):
+        SSLMethod.official_view_kinds(build_method("simclr", TinyBackbone()), "cifar10")
+
+
+def test_augment_is_shared_or_official_and_official_needs_colour_images(tmp_path):
+    with pytest.raises(ConfigError, match="invalid augment='strong'; valid values: shared, official"):
+        resolve_run_config(compose_config([f"results_dir={tmp_path}", "augment=strong"]))
+    with pytest.raises(ConfigError, match=r"augment=official with dataset=digits.*cifar10"):
+        resolve_run_config(compose_config([f"results_dir={tmp_path}", "augment=official"]))
+
+
+def test_the_default_augment_leaves_run_keys_and_cells_as_before(tmp_path):
+    """augment came after runs existed: at its default it is left out of the run hash and the
+    cell, so an earlier run keeps its directory; `official` is another run."""
+    from eval.records import cell_id, run_hash
+
+    config = resolve_run_config(compose_config([f"results_dir={tmp_path}", "dataset=cifar10"]))
+    before = copy.deepcopy(config)
+    del before["augment"]
+    official = {**copy.deepcopy(config), "augment": "official"}
+    assert run_hash(config) == run_hash(before) != run_hash(official)
+    record = {"protocol": "groupbench-v1", "config": config}
+    assert cell_id(record) == cell_id({**record, "config": before}) != cell_id(
+        {**record, "config": official})
 
 
 def test_dataset_defaults_resolve_per_dataset(tmp_path):

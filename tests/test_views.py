@@ -473,7 +473,8 @@ def test_multiview_single_channel_digits():
     views = [view_config("digits", k, 16) for k in VIEW_KINDS]
     images = _images(n=8, c=1, h=16, w=16)
     out = MultiViewAugment(views, (0.3,), (0.2,))(images, torch.Generator().manual_seed(0))
-    assert [v.shape[-1] for v in out] == [16, 16, 16, 16, 8]
+    # shared, weak, global1, global2, local (8 px), then the official kinds at full size
+    assert [v.shape[-1] for v in out] == [16, 16, 16, 16, 8] + [16] * len(V.OFFICIAL_KINDS)
     assert all(v.shape[1] == 1 and torch.isfinite(v).all() for v in out)
 
 
@@ -521,6 +522,9 @@ def test_multiview_cuda_matches_cpu_semantics():
         ("blur_sigma", (0.0, 2.0)),
         ("solarize_p", -1),
         ("solarize_threshold", 1.5),
+        ("erase_p", 1.2),
+        ("erase_scale", (0.5, 0.2)),
+        ("erase_ratio", (0.0, 3.3)),
     ],
 )
 def test_view_config_validation(field, value):
@@ -603,6 +607,83 @@ def test_view_config_weak_and_multicrop_rows():
     assert sizes == {"cifar10": 14, "tinyimagenet": 28, "stl10": 40}
     digits_local = view_config("digits", "local", 16)
     assert (digits_local.size, digits_local.crop_scale) == (8, (0.2, 0.5))
+
+
+def test_view_config_official_rows():
+    """augment=official: each method's published pipeline (docs/recipes.md §3)."""
+    def row(cfg):
+        return (cfg.crop_scale, cfg.flip_p, cfg.jitter_p,
+                (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue), cfg.grayscale_p,
+                cfg.blur_p, cfg.solarize_p, cfg.erase_p)
+
+    jitter4 = (0.4, 0.4, 0.4, 0.1)
+    assert row(view_config("cifar10", "simclr", 32)) == (
+        (0.08, 1.0), 0.5, 0.8, (0.8, 0.8, 0.8, 0.2), 0.2, 0.5, 0.0, 0.0)
+    assert row(view_config("cifar10", "byol1", 32)) == (
+        (0.08, 1.0), 0.5, 0.8, (0.4, 0.4, 0.2, 0.1), 0.2, 0.0, 0.0, 0.0)
+    assert row(view_config("cifar10", "byol2", 32))[5:] == (0.0, 0.2, 0.0)
+    assert row(view_config("imagenet100", "byol1", 224))[5:] == (1.0, 0.0, 0.0)
+    assert row(view_config("imagenet100", "byol2", 224))[5:] == (0.1, 0.2, 0.0)
+    assert row(view_config("cifar10", "mocov2", 32)) == (
+        (0.2, 1.0), 0.5, 0.8, jitter4, 0.2, 0.5, 0.0, 0.0)
+    assert row(view_config("cifar10", "mocov2_erase", 32)) == (
+        (0.2, 1.0), 0.5, 0.8, jitter4, 0.2, 0.5, 0.0, 1.0)
+    erase = view_config("cifar10", "mocov2_erase", 32)
+    assert (erase.erase_scale, erase.erase_ratio) == ((0.02, 0.33), (0.3, 3.3))  # torchvision's
+    assert row(view_config("cifar100", "cld_basic", 32)) == (
+        (0.2, 1.0), 0.5, 1.0, (0.4, 0.4, 0.4, 0.4), 0.2, 0.0, 0.0, 0.0)
+    assert view_config("imagenet100", "mocov2", 224).blur_kernel == 23
+
+
+def _erased_boxes(out: torch.Tensor) -> list[tuple[int, int] | None]:
+    """(height, width) of each image's zero rectangle, None where nothing was erased."""
+    boxes = []
+    for zeros in (out == 0).all(dim=1):
+        rows, cols = zeros.any(dim=1).nonzero(), zeros.any(dim=0).nonzero()
+        if len(rows) == 0:
+            boxes.append(None)
+            continue
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert int(zeros.sum()) == h * w  # one filled rectangle
+        boxes.append((h, w))
+    return boxes
+
+
+def test_random_erase_follows_torchvision():
+    """RandomErasing(p=1, scale (0.02, 0.33), ratio (0.3, 3.3), value 0), batched: every image
+    gets one box of a valid size, and the box areas are distributed as torchvision's."""
+    n, size = 1500, 32
+    images = torch.rand(n, 3, size, size) + 1.0  # no zero before erasing
+    g = torch.Generator().manual_seed(0)
+    ours = _erased_boxes(ops.random_erase(images, torch.ones(n, dtype=torch.bool),
+                                          (0.02, 0.33), (0.3, 3.3), g))
+    assert all(b is not None and b[0] < size and b[1] < size for b in ours)
+    torch.manual_seed(0)
+    eraser = T1.RandomErasing(p=1.0, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)
+    theirs = _erased_boxes(torch.stack([eraser(im) for im in images]))
+    ours_area = [h * w / size**2 for h, w in ours]
+    theirs_area = [h * w / size**2 for h, w in theirs]  # type: ignore[misc]
+    assert ks_2samp(ours_area, theirs_area).pvalue > 0.01
+    assert np.mean(ours_area) == pytest.approx(np.mean(theirs_area), rel=0.06)
+    ours_ratio = [h / w for h, w in ours]
+    assert min(ours_ratio) >= 0.3 / 1.5 and max(ours_ratio) <= 3.3 * 1.5  # ratio after rounding
+    # where the mask is False, and where ten tries cannot fit a box, the image stays whole
+    kept = ops.random_erase(images[:4], torch.zeros(4, dtype=torch.bool), (0.02, 0.33),
+                            (0.3, 3.3), g)
+    assert torch.equal(kept, images[:4])
+    tiny = torch.ones(3, 1, 2, 2)
+    assert torch.equal(ops.random_erase(tiny, torch.ones(3, dtype=torch.bool), (0.9, 1.0),
+                                        (1.0, 1.0), g), tiny)
+
+
+def test_multiview_erases_after_normalisation():
+    """CLD's CIFAR-10 views: the erased box is 0 in the normalised output (the channel mean)."""
+    cfg = view_config("cifar10", "mocov2_erase", 32)
+    aug = V.MultiViewAugment([cfg], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    (out,) = aug(images, torch.Generator().manual_seed(3))
+    boxes = _erased_boxes(out)
+    assert sum(b is not None for b in boxes) >= 60  # p 1 (a 32-px image fits a box nearly always)
 
 
 def test_view_config_unknown_names():
