@@ -128,16 +128,26 @@ DIGITS_SETTINGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_epoch_grid(tmp_path_factory) -> tuple[Path, str]:
+    """Every registered method's default preset, one epoch of 2 steps on digits, as one grid
+    through the CLI (one process: the imports once, not once per method)."""
+    results = tmp_path_factory.mktemp("one_epoch_grid")
+    presets = ",".join(get_method_class(name).default_preset for name in list_methods())
+    result = run_cli(["eval.grid", "-m", f"method={presets}", "seed=0", "trainer.epochs=1",
+                      "trainer.progress=false", "trainer.max_steps_per_epoch=2",
+                      f"results_dir={results}"], timeout=900)
+    return results, "" if result.returncode == 0 else result.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_methods())
-def test_every_method_trains_one_epoch_on_digits_through_the_cli(tmp_path, name):
-    preset = get_method_class(name).default_preset
-    result = run_cli(["eval.grid", f"method={preset}", "trainer.epochs=1", "trainer.progress=false",
-                      "trainer.max_steps_per_epoch=2", f"results_dir={tmp_path}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = list((tmp_path / "runs" / "digits").rglob("record.json"))
-    record = json.loads(path.read_text())
-    assert record["status"] == "finished" and record["method"] == name
+def test_every_method_trains_one_epoch_on_digits_through_the_cli(one_epoch_grid, name):
+    results, failure = one_epoch_grid
+    assert not failure, failure
+    records = [json.loads(p.read_text()) for p in (results / "runs" / "digits").rglob("record.json")]
+    (record,) = [r for r in records if r["method"] == name]
+    assert record["status"] == "finished" and record["seed"] == 0
     for key, value in DIGITS_SETTINGS.get(name, {}).items():
         assert record["config"]["method"][key] == value, key
     scores = {k: v for k, v in record["metrics"].items() if k.endswith(("_top1", "_top5"))}
