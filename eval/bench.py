@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -264,6 +263,15 @@ DIGITS_STEP_TARGETS = {"all4one": 2.0}
 SGEMM_SIZE, SGEMM_WARMUP, SGEMM_REPEATS = 4096, 3, 7
 #: The README's first command (the default grid on digits) on two cores, in minutes.
 GRID_TARGET_MINUTES = 13
+
+
+def machine_description() -> str:
+    """The measuring machine as the README block names it: CPU model and kernel instruction set
+    (``engine.io.cpu_model``: two CPUs of one architecture can differ by tens of per cent in these
+    timings), core count and torch version."""
+    from engine.io import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def sgemm_gflops(size: int = SGEMM_SIZE, repeats: int = SGEMM_REPEATS) -> float:
@@ -887,7 +895,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         print(f"warning: {missing}; the grid section is left out", file=sys.stderr)
     results: dict[str, Any] = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine_description(),
     }
     for name, fn in (("augmentation", bench_augmentation), ("losses", bench_losses),
                      ("large", bench_large_groups),

@@ -3,6 +3,8 @@ rows, targets and README table it produces (fast checks; the timings themselves 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -174,3 +176,12 @@ def test_loss_times_are_the_fastest_of_interleaved_rounds(monkeypatch):
     assert by_key[(51, "diffsort")]["seconds"] == pytest.approx(6.0)
     assert by_key[(51, "group_sum")]["ratio"] == pytest.approx(0.3)
     assert "fastest of 2 interleaved rounds" in bench.render({"machine": "m", "losses": rows})
+
+
+def test_the_measuring_machine_is_named_by_cpu_model(monkeypatch):
+    import engine.io
+
+    monkeypatch.setattr(engine.io, "cpu_model", lambda: "Some CPU 9000 (AVX512)")
+    text = bench.machine_description()
+    assert text.startswith("Some CPU 9000 (AVX512), ")
+    assert f"{os.cpu_count()} cores" in text and torch.__version__ in text
