@@ -14,7 +14,8 @@ temp file, fsync, rename), replacing the previous one:
 A checkpoint's position is ``epoch`` whole epochs plus ``step`` optimiser steps of the next one
 (0 at an epoch boundary). One written inside an epoch also holds what the rest of that epoch needs
 to go on exactly as an uninterrupted run would (``epoch_state``): torch's random number generator
-states, the epoch's loss sum and its seconds so far. The data order and augmentations are derived
+states, the epoch's loss sum, its seconds so far and the sums of the method's diagnostics
+(``DiagnosticSums``). The data order and augmentations are derived
 from (seed, epoch) and replayed up to the step (``engine.data.TrainBatches.epoch``).
 
 Under several processes only rank 0 writes. Its parameters and optimiser state are every rank's;
@@ -24,6 +25,7 @@ rank 0 on resume, as they do at every epoch end, and are not read by a training 
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -62,6 +64,10 @@ EPOCH_STATE_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+# Written since the diagnostics are logged; a checkpoint without them resumes with empty sums.
+DIAGNOSTIC_STATE_FIELDS: dict[str, type] = {"diagnostic_sums": torch.Tensor, "diagnostic_steps": int}
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, unusable checkpoint); the message says where."""
 
@@ -81,6 +87,68 @@ class Progress:
     resumed_from: list[int] = field(default_factory=list)
     resumed_from_step: list[int] = field(default_factory=list)
     epoch_state: dict[str, Any] | None = None
+
+
+@dataclass
+class DiagnosticSums:
+    """One epoch's running sums of a method's diagnostics (the scalars its ``training_step``
+    returns beside the loss), each with the number of steps that reported it.
+
+    The sums stay on the device (no synchronisation per step); a checkpoint written inside the
+    epoch keeps them (``state``), so a resumed epoch logs the means of the uninterrupted one.
+    """
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+    def add(self, diagnostics: dict[str, torch.Tensor]) -> None:
+        for name, value in diagnostics.items():
+            if name in self.sums:
+                self.sums[name] += value
+            else:
+                self.sums[name] = value.detach().float().clone()
+            self.steps[name] = self.steps.get(name, 0) + 1
+
+    def means(self) -> dict[str, float | None]:
+        """Each diagnostic's mean over the steps that reported it; None where it is not finite
+        (JSON has no NaN)."""
+        means = {}
+        for name, total in self.sums.items():
+            mean = (total / self.steps[name]).item()
+            means[name] = mean if math.isfinite(mean) else None
+        return means
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """The sums (on the CPU) and step counts, as ``epoch_state`` keeps them."""
+        return {
+            "diagnostic_sums": {name: total.detach().cpu().clone()
+                                for name, total in self.sums.items()},
+            "diagnostic_steps": dict(self.steps),
+        }
+
+    @classmethod
+    def from_state(cls, epoch_state: dict[str, Any], device: torch.device) -> DiagnosticSums:
+        """The sums a checkpoint's ``epoch_state`` holds (empty for one written without them)."""
+        sums = epoch_state.get("diagnostic_sums") or {}
+        return cls({name: total.to(device) for name, total in sums.items()},
+                   dict(epoch_state.get("diagnostic_steps") or {}))
+
+
+def _diagnostic_state_problem(epoch_state: dict[str, Any]) -> str | None:
+    names = []
+    for key, kind in DIAGNOSTIC_STATE_FIELDS.items():
+        value = epoch_state.get(key, {})
+        if not isinstance(value, dict) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value.values()
+        ):
+            return f"epoch_state {key!r} is not a dict of {kind.__name__} values"
+        names.append(set(value))
+    if names[0] != names[1]:
+        return "epoch_state 'diagnostic_sums' and 'diagnostic_steps' name different diagnostics"
+    return None
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -170,7 +238,8 @@ def load_checkpoint(path: Path, expected_hash: str) -> dict[str, Any]:
         if not isinstance(epoch_state, dict):
             problem = f"'epoch_state' is {type(epoch_state).__name__}, expected a dict at step {state['step']}"
         else:
-            problem = _field_problem("epoch_state ", epoch_state, EPOCH_STATE_FIELDS)
+            problem = (_field_problem("epoch_state ", epoch_state, EPOCH_STATE_FIELDS)
+                       or _diagnostic_state_problem(epoch_state))
     if problem is not None:
         raise TrainingError(f"checkpoint {path} is damaged: {problem}; {WAY_OUT}")
     epoch, step = state["epoch"], state["step"]

@@ -50,6 +50,7 @@ from datasets.views import view_config
 from engine import distributed
 from engine.checkpoint import (
     CheckpointPolicy,
+    DiagnosticSums,
     Progress,
     TrainingError,
     checkpoint_epoch,
@@ -95,6 +96,7 @@ __all__ = [
     "run_dir_for",
     "smoke_run",
     "split_micro_batches",
+    "step_diagnostics",
     "train_step",
 ]
 
@@ -186,6 +188,16 @@ def split_micro_batches(
     ]
 
 
+def step_diagnostics(out: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The loggable scalars of a ``training_step`` output: every one-element tensor but the loss,
+    detached, in float32 (a method's diagnostics: its loss terms, neighbour accuracies, ...)."""
+    return {
+        name: value.detach().reshape(()).float()
+        for name, value in out.items()
+        if name != "loss" and isinstance(value, torch.Tensor) and value.numel() == 1
+    }
+
+
 def accumulate_gradients(
     method: nn.Module,
     views: Sequence[torch.Tensor],
@@ -194,29 +206,42 @@ def accumulate_gradients(
     autocast: AbstractContextManager[Any],
     scaler: torch.amp.GradScaler | None,
     world_size: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward of one batch as ``steps`` micro-batches, summing into ``.grad``.
 
     Each micro-batch's loss is scaled by 1/steps, so the gradient is the mean of the micro-batch
     gradients (the full batch's, for a loss that is a mean over independent samples; not for a
     contrastive loss, whose negatives now come from the micro-batch). Gradients are then averaged
-    over processes, once. Returns the detached loss, averaged over micro-batches and processes; a
-    non-finite micro-batch loss is returned at once, before its backward pass, for the caller to
-    raise (every process sees the same value, so none is left waiting in a collective).
+    over processes, once. Returns the detached loss and the method's diagnostics
+    (``step_diagnostics``), each averaged over micro-batches and processes; a non-finite
+    micro-batch loss is returned at once, before its backward pass, for the caller to raise
+    (every process sees the same value, so none is left waiting in a collective).
     """
-    losses = []
+    losses, diagnostics = [], []
     for micro_indices, micro_views in split_micro_batches(indices, views, steps):
         with autocast:
-            loss = method.training_step(micro_views, micro_indices)["loss"]
-        global_loss = distributed.all_reduce_mean(loss.detach(), world_size)
+            out = method.training_step(micro_views, micro_indices)
+        loss, scalars = out["loss"], step_diagnostics(out)
+        # One collective for the loss and the diagnostics; the loss keeps its own dtype, so its
+        # mean is the one all_reduce_mean(loss) gives.
+        reduced = distributed.all_reduce_mean(
+            torch.stack([loss.detach(), *(v.to(loss.dtype) for v in scalars.values())]),
+            world_size,
+        )
+        global_loss = reduced[0]
         if not torch.isfinite(global_loss):
-            return global_loss
+            return global_loss, {}
         if steps > 1:  # one micro-batch keeps the unscaled loss: bit-identical to no accumulation
             loss = loss / steps
         (scaler.scale(loss) if scaler is not None else loss).backward()
         losses.append(global_loss)
+        diagnostics.append(dict(zip(scalars, reduced[1:].float(), strict=True)))
     distributed.average_gradients(method, world_size)
-    return losses[0] if steps == 1 else torch.stack(losses).mean()
+    if steps == 1:
+        return losses[0], diagnostics[0]
+    return torch.stack(losses).mean(), {
+        name: torch.stack([d[name] for d in diagnostics]).mean() for name in diagnostics[0]
+    }
 
 
 def check_batch_fits(
@@ -342,6 +367,11 @@ def build(config: dict[str, Any], run_dir: Path, ctx: DistContext) -> Built:
             )
     parallel = distributed.prepare_method(method, world)
     method.to(device)
+    labels = bundle.pretrain.labels
+    if method.trains and len(labels) and bool((labels >= 0).all()):
+        # Diagnostics only (NNCLR's neighbour label accuracy); a split with unlabelled images
+        # (STL-10's) would count them as misses, so it gets none.
+        method.set_train_labels(labels)
     channels_last = resolve_channels_last(trainer["channels_last"], backbone)
     if channels_last:
         # All of the method's 4-D weights, not only the backbone's: momentum encoders are copies
@@ -374,10 +404,11 @@ def build(config: dict[str, Any], run_dir: Path, ctx: DistContext) -> Built:
 
 def train_step(
     b: Built, indices: torch.Tensor, views: list[torch.Tensor], step: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step (global step ``step``): learning rate, forward and backward of the
-    micro-batches, optimiser step, ``after_optimizer_step``. Returns the global batch's loss; a
-    non-finite loss is returned before anything is updated, for the caller to raise."""
+    micro-batches, optimiser step, ``after_optimizer_step``. Returns the global batch's loss and
+    the method's diagnostics; a non-finite loss is returned before anything is updated, for the
+    caller to raise."""
     assert b.optimizer is not None and b.optim is not None
     spe, epochs = b.steps_per_epoch, b.epochs
     set_lr(b.optimizer, b.optim.schedule, step, spe, epochs, b.warmup)
@@ -385,12 +416,12 @@ def train_step(
         views = to_channels_last(views)
     b.optimizer.zero_grad(set_to_none=True)
     # The global batch's loss (mean over processes) decides for every process at once.
-    loss = accumulate_gradients(
+    loss, diagnostics = accumulate_gradients(
         b.method, views, indices.to(b.ctx.device), b.config["trainer"]["grad_accum_steps"],
         b.autocast, b.scaler, b.ctx.world_size,
     )
     if not torch.isfinite(loss):
-        return loss
+        return loss, diagnostics
     if b.scaler is not None:
         b.scaler.step(b.optimizer)
         b.scaler.update()
@@ -398,7 +429,7 @@ def train_step(
         b.optimizer.step()
     # Once per optimiser step, however many micro-batches it took.
     b.method.after_optimizer_step(step, b.total_steps)
-    return loss
+    return loss, diagnostics
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,11 +487,13 @@ def fit(b: Built, progress: Progress, policy: CheckpointPolicy) -> Progress:
                 assert progress.epoch_state is not None
                 loss_sum = progress.epoch_state["loss_sum"].to(device)
                 seconds = progress.epoch_state["seconds"]
+                sums = DiagnosticSums.from_state(progress.epoch_state, device)
             else:
                 # The same stream on every process: random choices a method makes for the whole
                 # batch (permutations, cluster seeds) must agree across processes.
                 torch.manual_seed(derive_seed(b.config["seed"], "torch", epoch))
                 loss_sum, seconds = torch.zeros((), device=device), 0.0
+                sums = DiagnosticSums()
             clock = time.perf_counter()
             for step_in_epoch, (indices, views) in enumerate(b.batches.epoch(epoch, start), start):
                 if start and step_in_epoch == start:
@@ -468,7 +501,7 @@ def fit(b: Built, progress: Progress, policy: CheckpointPolicy) -> Progress:
                     # the global generator): the state of the uninterrupted run at this step.
                     assert progress.epoch_state is not None
                     set_rng_state(progress.epoch_state, device)
-                loss = train_step(b, indices, views, epoch * spe + step_in_epoch)
+                loss, diagnostics = train_step(b, indices, views, epoch * spe + step_in_epoch)
                 if not torch.isfinite(loss):
                     kept = ("no checkpoint had been written yet" if saved is None else
                             f"the last good checkpoint ({checkpoint_path(b.run_dir)}, epoch "
@@ -478,6 +511,7 @@ def fit(b: Built, progress: Progress, policy: CheckpointPolicy) -> Progress:
                         f"{step_in_epoch + 1}; {kept}"
                     )
                 loss_sum += loss
+                sums.add(diagnostics)
                 images_seen += batch_size
                 progress.step = step_in_epoch + 1
                 bar.update(1)
@@ -487,7 +521,8 @@ def fit(b: Built, progress: Progress, policy: CheckpointPolicy) -> Progress:
                 if progress.step < spe and policy.due(epoch_end=False):
                     seconds += time.perf_counter() - clock
                     progress.epoch_state = {"loss_sum": loss_sum.detach().cpu().clone(),
-                                            "seconds": seconds, **rng_state(device)}
+                                            "seconds": seconds, **sums.state(),
+                                            **rng_state(device)}
                     _save(b, progress, policy)
                     saved = (progress.epoch, progress.step)
                     clock = time.perf_counter()
@@ -502,6 +537,7 @@ def fit(b: Built, progress: Progress, policy: CheckpointPolicy) -> Progress:
                 "lr": b.optimizer.param_groups[0]["lr"],
                 "seconds": seconds,
                 "images_per_second": spe * batch_size / max(seconds, 1e-9),
+                **({"diagnostics": sums.means()} if sums else {}),
             })
             progress.epoch, progress.step, progress.epoch_state = epoch + 1, 0, None
             if progress.epoch == epochs or policy.due(epoch_end=True):
@@ -682,7 +718,7 @@ def smoke_run(cfg: Any, steps: int = 3) -> dict[str, Any]:
                 if ctx.device.type == "cuda":
                     torch.cuda.synchronize(ctx.device)
                 start = time.perf_counter()
-                loss = train_step(b, indices, views, step)
+                loss, _ = train_step(b, indices, views, step)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss {loss.item()} in {b.label} at "
                                         f"step {step + 1}")

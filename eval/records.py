@@ -381,6 +381,11 @@ def record_problem(record: dict[str, Any]) -> str | None:
         if not (isinstance(epoch, dict) and _is_number(epoch.get("epoch"))
                 and _is_number(epoch.get("loss"))):
             return f"history[{i}] is {epoch!r}, expected {{epoch, loss, ...}} numbers"
+        diagnostics = epoch.get("diagnostics", {})
+        if not (isinstance(diagnostics, dict)
+                and all(v is None or _is_number(v) for v in diagnostics.values())):
+            return (f"history[{i}].diagnostics is {diagnostics!r}, expected a mapping of names to "
+                    "numbers (null where not finite)")
     if "reference" in record and not isinstance(record["reference"], bool):
         return f"reference is {record['reference']!r}, expected true or false"
     for key in ("train_seconds", "images_per_second"):

@@ -1114,7 +1114,8 @@ def main_table(cells: pd.DataFrame, references: pd.DataFrame | None = None) -> p
 # --------------------------------------------------------------------------------------------
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per run: identity, the config keys that vary between the runs, the seed, every
-    metric (nested ones flattened, e.g. ``knn_curve.20``) and the provenance."""
+    metric (nested ones flattened, e.g. ``knn_curve.20``), the last epoch's training loss and
+    method diagnostics (``final_loss``, ``diagnostics.<name>``) and the provenance."""
     configs = [_cell_config(r) for r in records]
     varying = _varying_keys(configs) if len(configs) > 1 else []
     rows = []
@@ -1131,6 +1132,11 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             row[f"config.{key}"] = config.get(key, "")
         for key, value in flatten(record.get("metrics", {})).items():
             row[f"metrics.{key}"] = value
+        history = record.get("history") or []
+        if history:
+            row["final_loss"] = history[-1].get("loss")
+            for key, value in (history[-1].get("diagnostics") or {}).items():
+                row[f"diagnostics.{key}"] = value
         for key, value in record_provenance(record).items():
             row[key.replace(" ", "_")] = value
         for key in ("train_seconds", "eval_seconds", "images_per_second", "finished_at"):

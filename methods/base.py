@@ -2,7 +2,8 @@
 
 A method owns a backbone and its heads. The engine calls, per step:
 ``out = method.training_step(views, indices)`` → a dict with ``loss`` (a scalar tensor with grad)
-and detached loggable scalars; then the optimiser step; then ``method.after_optimizer_step``.
+and detached loggable scalars (their per-epoch means go to the record's ``history``, under
+``diagnostics``); then the optimiser step; then ``method.after_optimizer_step``.
 Evaluation only ever calls ``method.embed(images)``: pooled backbone features, before any head.
 """
 
@@ -192,6 +193,11 @@ class SSLMethod(nn.Module, abc.ABC):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Per-step state updated after the optimiser step (EMA encoders that update late)."""
+
+    def set_train_labels(self, labels: torch.Tensor) -> None:
+        """The labels (N,) of the pre-training split by image index, which the engine passes when
+        every one is known, for diagnostics only (a neighbour's label accuracy); a loss must
+        never read them. The default ignores them."""
 
     def updates_ema_in_training_step(self) -> bool:
         """True when ``training_step`` itself updates a momentum encoder (MoCo's

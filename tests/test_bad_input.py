@@ -273,6 +273,37 @@ CHECKPOINT_DAMAGE = [
 ]
 
 
+def _mid_epoch_state(**epoch_state) -> dict:
+    return {"config_hash": "0123456789ab", "epoch": 0, "step": 1, "method": {}, "optimizer": {},
+            "history": [], "train_seconds": 1.0,
+            "epoch_state": {"loss_sum": torch.tensor(1.0), "seconds": 1.0,
+                            "cpu_rng": torch.get_rng_state(), **epoch_state}}
+
+
+@pytest.mark.parametrize("diagnostics,problem", [
+    ({}, None),  # written before the diagnostics were kept
+    ({"diagnostic_sums": {"acc": torch.tensor(0.5)}, "diagnostic_steps": {"acc": 1}}, None),
+    ({"diagnostic_sums": {"acc": 0.5}, "diagnostic_steps": {"acc": 1}},
+     "'diagnostic_sums' is not a dict of Tensor values"),
+    ({"diagnostic_sums": {"acc": torch.tensor(0.5)}, "diagnostic_steps": {"acc": True}},
+     "'diagnostic_steps' is not a dict of int values"),
+    ({"diagnostic_sums": {"acc": torch.tensor(0.5)}, "diagnostic_steps": {}},
+     "name different diagnostics"),
+])
+def test_mid_epoch_checkpoint_diagnostic_sums_are_checked(tmp_path, diagnostics, problem):
+    from engine.checkpoint import DiagnosticSums, load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save(_mid_epoch_state(**diagnostics), path)
+    if problem is None:
+        state = load_checkpoint(path, "0123456789ab")
+        sums = DiagnosticSums.from_state(state["epoch_state"], torch.device("cpu"))
+        assert sums.means() == ({"acc": 0.5} if diagnostics else {})
+        return
+    with pytest.raises(TrainingError, match=f"checkpoint {path} is damaged: epoch_state .*{problem}"):
+        load_checkpoint(path, "0123456789ab")
+
+
 def _edited_to_list() -> bytes:
     buffer = io.BytesIO()
     torch.save([1, 2, 3], buffer)
@@ -367,6 +398,9 @@ def _good_record() -> dict:
      "correct.knn20 is not a hex string"),
     ("history without losses", json.dumps({**_good_record(), "history": [{"epoch": 1}]}),
      "history[0] is {'epoch': 1}"),
+    ("diagnostic not a number", json.dumps(
+        {**_good_record(), "history": [{"epoch": 1, "loss": 1.0, "diagnostics": {"acc": "x"}}]}),
+     "history[0].diagnostics is {'acc': 'x'}, expected a mapping of names to numbers"),
 ])
 def test_corrupt_run_record_is_skipped_and_named(tmp_path, capsys, name, content, needle):
     runs = tmp_path / "runs"

@@ -378,6 +378,12 @@ def test_signal_checkpoints_inside_the_epoch_and_the_rerun_resumes_there(tmp_pat
     assert resumed["resumed_from"] == [1] and resumed["resumed_from_step"] == [STEPS + 1]
     assert straight["resumed_from"] == [] and straight["resumed_from_step"] == []
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    # the epoch cut by the signal logs the same diagnostic means as the uninterrupted one
+    assert {"confidence", "soft_mass"} <= set(straight["history"][1]["diagnostics"])
+    assert resumed["history"] == [
+        {**h, "seconds": r["seconds"], "images_per_second": r["images_per_second"]}
+        for h, r in zip(straight["history"], resumed["history"], strict=True)
+    ]
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["correct"] == straight["correct"]
 
@@ -507,3 +513,81 @@ def test_train_batches_shards_and_starts_inside_an_epoch(tmp_path, kind):
                 assert torch.equal(torch.cat([shards[r][step][1][v] for r in range(2)]), view)
     for rank in range(2):
         assert _batches_equal(epoch(rank, 2, start=1), shards[rank][1:])
+
+
+# --------------------------------------------------------------------------------------------
+# the method's diagnostics in the record's history
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_history_holds_each_epochs_mean_of_the_methods_diagnostics(tmp_path, monkeypatch,
+                                                                    accumulation):
+    """Every one-element tensor a training_step returns beside the loss is averaged over the
+    epoch's steps (and over a step's micro-batches); others are not logged, and a value that is
+    not finite is written as null."""
+    from methods.simclr import SimCLR
+
+    calls = []
+    real_step = SimCLR.training_step
+
+    def step_with_diagnostics(self, views, indices):
+        out = real_step(self, views, indices)
+        calls.append(len(calls))
+        return {**out, "call": torch.tensor(float(calls[-1])), "pair": torch.zeros(2),
+                "undefined": torch.tensor(float("nan")), "label": "not a tensor"}
+
+    monkeypatch.setattr(SimCLR, "training_step", step_with_diagnostics)
+    record = run(compose_config([
+        f"results_dir={tmp_path}", "method=simclr", "trainer.epochs=2",
+        "trainer.max_steps_per_epoch=3", f"trainer.grad_accum_steps={accumulation}", *FAST,
+    ]))
+    per_epoch = 3 * accumulation  # training_step calls per epoch
+    assert len(calls) == 2 * per_epoch
+    expected = [sum(range(e * per_epoch, (e + 1) * per_epoch)) / per_epoch for e in range(2)]
+    assert [h["diagnostics"] for h in record["history"]] == [
+        {"call": mean, "undefined": None} for mean in expected
+    ]
+
+
+def test_neighbour_methods_log_the_label_accuracy_of_their_neighbours(tmp_path, monkeypatch):
+    """The engine gives NNCLR the pre-training labels: in the second epoch its first neighbours
+    (in a support set of other images) share the anchor's label well above chance (10 % on
+    digits), and at chance when the labels it is given are shuffled. A split with an unlabelled
+    image gets no labels, so no label accuracy (it would count those images as misses)."""
+    import dataclasses
+
+    import datasets
+    from methods.nnclr import NNCLR
+
+    common = ["method=nnclr", "method.proj_hidden_dim=256", "method.pred_hidden_dim=256",
+              "method.queue_size=256", "method.queue_init=empty", "trainer.epochs=2",
+              "trainer.max_steps_per_epoch=4", *FAST]
+
+    def second_epoch(name: str) -> dict:
+        record = run(compose_config([f"results_dir={tmp_path / name}", *common]))
+        return record["history"][1]["diagnostics"]
+
+    labelled = second_epoch("labelled")
+    assert set(labelled) == {"nn_self_rate", "nn_label_acc"}
+    # 512 anchors: chance is 0.10 ± 0.013 (one standard error)
+    assert 0.18 < labelled["nn_label_acc"] <= 1.0 and 0.0 <= labelled["nn_self_rate"] <= 1.0
+
+    real_set = NNCLR.set_train_labels
+
+    def shuffled(self, labels):
+        real_set(self, labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))])
+
+    monkeypatch.setattr(NNCLR, "set_train_labels", shuffled)
+    assert second_epoch("shuffled")["nn_label_acc"] < 0.15
+    monkeypatch.setattr(NNCLR, "set_train_labels", real_set)
+
+    real_load = datasets.load_dataset
+
+    def one_unlabelled(*args, **kwargs):
+        bundle = real_load(*args, **kwargs)
+        labels = bundle.pretrain.labels.clone()
+        labels[0] = -1
+        return dataclasses.replace(
+            bundle, pretrain=dataclasses.replace(bundle.pretrain, labels=labels))
+
+    monkeypatch.setattr(datasets, "load_dataset", one_unlabelled)
+    assert set(second_epoch("unlabelled")) == {"nn_self_rate"}

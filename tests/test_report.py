@@ -463,6 +463,19 @@ def test_runs_csv_is_written_next_to_the_table(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_runs_csv_holds_the_last_epochs_loss_and_diagnostics():
+    history = [{"epoch": 1, "loss": 3.0, "diagnostics": {"nn_label_acc": 0.4}},
+               {"epoch": 2, "loss": 2.5, "diagnostics": {"nn_label_acc": 0.6, "loss_nn": None}}]
+    frame = report_module.runs_frame([
+        make_record("nnclr", "solo", 0, 80.0, 85.0, history=history),
+        make_record("simclr", "solo", 0, 81.0, 86.0),  # no diagnostics
+    ])
+    nnclr, simclr = (frame[frame["method"] == m].iloc[0] for m in ("nnclr", "simclr"))
+    assert (nnclr["final_loss"], nnclr["diagnostics.nn_label_acc"]) == (2.5, 0.6)
+    assert math.isnan(nnclr["diagnostics.loss_nn"])
+    assert simclr["final_loss"] == 1.5 and math.isnan(simclr["diagnostics.nn_label_acc"])
+
+
 def test_reference_rows_and_whether_methods_beat_them(tmp_path):
     runs = tmp_path / "runs"
     values = {

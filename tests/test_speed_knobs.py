@@ -73,9 +73,9 @@ def short_run(results: Path, extra: list[str]) -> dict:
     accumulate = train.accumulate_gradients
 
     def recording(*args, **kwargs):
-        loss = accumulate(*args, **kwargs)
+        loss, diagnostics = accumulate(*args, **kwargs)
         step_losses.append(loss.item())
-        return loss
+        return loss, diagnostics
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "accumulate_gradients", recording)
@@ -187,7 +187,7 @@ def _sgd_losses(method, batches: list[list[torch.Tensor]], grad_accum_steps: int
     for views in batches:
         optimizer.zero_grad(set_to_none=True)
         indices = torch.arange(views[0].shape[0])
-        loss = accumulate_gradients(
+        loss, _ = accumulate_gradients(
             method, views, indices, grad_accum_steps, nullcontext(), None, world_size=1
         )
         optimizer.step()
@@ -339,7 +339,8 @@ def test_grad_accum_update_is_the_mean_of_the_micro_batch_gradients():
         return torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     optimizer = sgd(accumulated)
-    loss = accumulate_gradients(accumulated, views, indices, 2, nullcontext(), None, world_size=1)
+    loss, _ = accumulate_gradients(accumulated, views, indices, 2, nullcontext(), None,
+                                   world_size=1)
     optimizer.step()
 
     # By hand: each half batch on its own, gradients averaged, one step.
