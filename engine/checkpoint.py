@@ -65,7 +65,10 @@ EPOCH_STATE_FIELDS: dict[str, tuple[type, ...]] = {
 
 
 # Written since the diagnostics are logged; a checkpoint without them resumes with empty sums.
-DIAGNOSTIC_STATE_FIELDS: dict[str, type] = {"diagnostic_sums": torch.Tensor, "diagnostic_steps": int}
+DIAGNOSTIC_STATE_FIELDS: dict[str, type] = {
+    "diagnostic_sums": torch.Tensor,
+    "diagnostic_steps": int,
+}
 
 
 class TrainingError(RuntimeError):
