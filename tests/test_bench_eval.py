@@ -20,6 +20,7 @@ from eval.bench import (
     KNN_SIZE,
     PROBE_SIZES,
     _bare_knn_matmul,
+    extraction_backbone,
     probe_features,
 )
 from eval.knn import knn_evaluate
@@ -110,3 +111,20 @@ def test_eval_render_shows_iterations_ratios_and_per_10k():
     assert "| fixture | 50,000 × 512 | 100.0 | 50.0 | 84.14 | 0.001 | **no** |" in text
     assert "| 20 | 0.07 | 3.30 | 1.10 |" in text and "| 200 | 0.1 | 3.75 | 1.25 |" in text
     assert "| 50.0 | 0.5 | 10.0 | 60.5 |" in text
+
+
+def test_extraction_is_timed_in_the_engines_memory_layout(monkeypatch):
+    """The per-10,000-images figure times the backbone as a run's evaluation holds it: the
+    engine's ``trainer.channels_last=auto`` decides the layout."""
+    import engine.train
+
+    def conv_weights_channels_last(backbone: torch.nn.Module) -> set[bool]:
+        # a 1 × 1 kernel is contiguous in both layouts: the 3 × 3 ones decide
+        return {m.weight.is_contiguous(memory_format=torch.channels_last)
+                for m in backbone.modules()
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)}
+
+    backbone = extraction_backbone(32)
+    assert not backbone.training and conv_weights_channels_last(backbone) == {True}
+    monkeypatch.setattr(engine.train, "resolve_channels_last", lambda setting, backbone: False)
+    assert conv_weights_channels_last(extraction_backbone(32)) == {False}
