@@ -11,6 +11,9 @@ created with ``num_classes=0`` whose forward pass gives pooled features of size
 - ``lowres_pool``: ResNet family only; like ``lowres`` but the max-pool is kept.
 - ``lowres_pad2``: ResNet family only; like ``lowres`` with padding 2 (solo-learn comparability).
 
+Every plain ``nn.Conv2d`` becomes a ``SinglePixelConv2d`` (``backbones.convolution``): the same
+module, which computes a convolution with a one-pixel output as a matrix product on the CPU.
+
 Any other family with a non-``imagenet`` stem is an error that names the supported families: a
 silent no-op would train a network that throws away most of a 32-px image in its first layer.
 """
@@ -22,6 +25,8 @@ import difflib
 import timm
 import torch
 from torch import nn
+
+from backbones.convolution import use_single_pixel_convolutions
 
 STEMS = ("imagenet", "lowres", "lowres_pool", "lowres_pad2")
 RESNET_STEMS = ("lowres", "lowres_pool", "lowres_pad2")
@@ -122,6 +127,7 @@ def build_backbone(
                 f"maxpool: resnet*, resnext*, test_resnet, …) and ViTs ('lowres' via the patch "
                 f"size); {name!r} is a {type(model).__name__}. Use stem=imagenet for it."
             )
+    use_single_pixel_convolutions(model)
     if image_size is not None:
         check_image_size(model, name, stem, in_chans, image_size)
     return model
