@@ -88,7 +88,7 @@ def _conv_pair(cin, cout, kernel, stride, padding, bias):
     return plain, fast
 
 
-def _count_library_convolutions(module, monkeypatch):
+def _count_library_convolutions(monkeypatch):
     calls = []
     original = nn.Conv2d._conv_forward
 
@@ -114,7 +114,7 @@ def test_single_pixel_convolution_matches_conv2d_forward_and_backward(
         plain, fast = (m.to(memory_format=torch.channels_last) for m in (plain, fast))
     x_plain, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = plain(x_plain)
-    calls = _count_library_convolutions(fast, monkeypatch)
+    calls = _count_library_convolutions(monkeypatch)
     got = fast(x_fast)
     assert calls == [], "a single-pixel output must not go through the library convolution"
     assert expected.shape[-2:] == (1, 1) and got.shape == expected.shape
@@ -146,29 +146,32 @@ def test_other_convolutions_take_the_library_path(kwargs, size, device, out_side
 
     options = {"stride": 1, "padding": 1} | kwargs
     conv = SinglePixelConv2d(4, 4, 3, **options, device=device)
-    calls = _count_library_convolutions(conv, monkeypatch)
+    calls = _count_library_convolutions(monkeypatch)
     out = conv(torch.randn(2, 4, size, size, device=device))
     assert len(calls) == 1 and out.shape == (2, 4, out_side, out_side)
 
 
 def test_backbones_keep_timms_weights_and_route_one_pixel_outputs_to_the_fast_path(monkeypatch):
+    import backbones
     from backbones.convolution import SinglePixelConv2d
 
-    torch.manual_seed(3)
-    reference = build_backbone("test_resnet", in_chans=1, stem="lowres_pool", image_size=16)
-    for module in reference.modules():
-        if isinstance(module, SinglePixelConv2d):
-            module.__class__ = nn.Conv2d
+    with monkeypatch.context() as patch:
+        patch.setattr(backbones, "use_single_pixel_convolutions", lambda model: model)
+        torch.manual_seed(3)
+        reference = build_backbone("test_resnet", in_chans=1, stem="lowres_pool", image_size=16)
+        rng_after_reference = torch.get_rng_state()
+    assert all(type(m) is not SinglePixelConv2d for m in reference.modules())
     torch.manual_seed(3)
     model = build_backbone("test_resnet", in_chans=1, stem="lowres_pool", image_size=16)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(type(m) is SinglePixelConv2d for m in convs)
-    # the class change draws nothing: same weights (and RNG stream) as timm's own modules
+    # the class change draws nothing: timm's weights, keys and the RNG stream after the build
+    assert torch.equal(torch.get_rng_state(), rng_after_reference)
     assert reference.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in
                zip(reference.state_dict().values(), model.state_dict().values(), strict=True))
     x = torch.randn(4, 1, 16, 16)
-    calls = _count_library_convolutions(model, monkeypatch)
+    calls = _count_library_convolutions(monkeypatch)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     # layer4 (2×2 → 1×1, 1×1 → 1×1, and its 1×1 downsample on a 1×1 map) takes the product
     assert len(calls) == len(convs) - 3 + len(convs)  # the model's calls, then the reference's
