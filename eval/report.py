@@ -22,7 +22,9 @@ Per dataset (``--dataset NAME`` keeps one, e.g. for ``results/fashion_mnist/tabl
   reference's and the difference is significant after Holm's correction over that table's
   comparisons (paired t-test over matched seeds; without matched seeds a one-sample t-test against
   a single reference value, or Welch's t-test); with one matched seed, the 95% paired-bootstrap
-  interval over test images lies above 0 (test-set sampling only, marked);
+  interval over test images lies above 0 (test-set sampling only, marked). A seed-invariant
+  reference (``SSLMethod.seed_invariant``: ``pixels``) is one value whatever the seed, so one run
+  of it is paired with every seed of the method;
 - **gain over each method's base** on matched seeds (paired t-test, or a paired bootstrap with
   one matched seed), unmatched seeds listed;
 - **ablations**: one table per swept key and per setting of every other key, holding only cells
@@ -533,6 +535,40 @@ def _values(cell: pd.Series | dict[str, Any], metric: str) -> dict[int, float]:
     return {r["seed"]: float(r["metrics"][metric]) for r in cell["runs"] if metric in r["metrics"]}
 
 
+def _seed_invariant(method: str) -> bool:
+    """Whether method ``method``'s runs give the same numbers for every seed
+    (``SSLMethod.seed_invariant``); False for a name no longer registered."""
+    from methods import get_method_class
+    from methods.base import MethodConfigError
+
+    try:
+        return bool(get_method_class(method).seed_invariant)
+    except MethodConfigError:
+        return False
+
+
+def _stand_in_seeds(
+    base_cell: pd.Series | dict[str, Any], method: dict[int, float], base: dict[int, float]
+) -> tuple[dict[int, float], list[int]]:
+    """``base`` extended to every seed of ``method`` when the base is seed-invariant, and the
+    seeds so filled in.
+
+    A seed-invariant reference (raw pixels) computes the same thing whatever the seed, so its
+    one run is the value every seed of it would give; pairing it with each of the method's seeds
+    makes the paired t-test a one-sample t-test of the method's seeds against that value,
+    instead of a bootstrap over the test images of the one seed both happen to share. Runs of
+    the base that disagree with each other (another CPU's rounding) are left as they are.
+    """
+    if not base or not _seed_invariant(str(base_cell["method"])) or len(set(base.values())) > 1:
+        return base, []
+    value = base[min(base)]
+    filled = sorted(set(method) - set(base))
+    if not filled:
+        return base, []
+    # Every seed of the method, and no other: the base's own seeds are the same single value.
+    return {seed: value for seed in method}, filled
+
+
 def compare_cells(
     method_cell: pd.Series | dict[str, Any],
     base_cell: pd.Series | dict[str, Any],
@@ -546,9 +582,11 @@ def compare_cells(
     p-value); MDE and seeds needed from the bootstrap SE (test-set sampling only; the spread
     across training seeds may be smaller or larger, so the seed count is a rough guide).
     n = 0: "no matched seeds", unless ``unpaired_fallback`` and the method has ≥ 2 seeds: a
-    one-sample t-test against a single base value or Welch's t-test.
+    one-sample t-test against a single base value or Welch's t-test. A seed-invariant base's run
+    counts for every seed of the method (``_stand_in_seeds``; the row's note says so).
     """
     m, b = _values(method_cell, metric), _values(base_cell, metric)
+    b, stand_in = _stand_in_seeds(base_cell, m, b)
     paired = paired_comparison(m, b)
     row: dict[str, Any] = {
         "metric": metric, "n_matched": paired.n,
@@ -568,7 +606,8 @@ def compare_cells(
         seed = paired.diffs[0][0]
         key = _correct_key(metric)
         mc = _correct(next(r for r in method_cell["runs"] if r["seed"] == seed), key)
-        bc = _correct(next(r for r in base_cell["runs"] if r["seed"] == seed), key)
+        base_seed = seed if seed not in stand_in else min(_values(base_cell, metric))
+        bc = _correct(next(r for r in base_cell["runs"] if r["seed"] == base_seed), key)
         if mc is not None and bc is not None and mc.shape == bc.shape:
             observed, diffs = paired_bootstrap_diffs(mc, bc)
             low, high = np.percentile(diffs, [2.5, 97.5])
@@ -591,6 +630,11 @@ def compare_cells(
                 sd_other=None if result.n_reference == 1 else result.sd_reference,
             ),
         )
+    if stand_in:
+        run_seed = min(_values(base_cell, metric))
+        row["note"] += (f"; {base_cell['method']} is seed-invariant: its seed-{run_seed} run "
+                        f"stands for seed{'s' if len(stand_in) > 1 else ''} "
+                        f"{','.join(map(str, stand_in))}")
     return row
 
 

@@ -118,6 +118,10 @@ class SSLMethod(nn.Module, abc.ABC):
     trains: ClassVar[bool] = True
     #: True for the reference rows (``pixels``, ``random_init``), shown apart in the report.
     is_reference: ClassVar[bool] = False
+    #: True where nothing the run computes depends on the seed (``pixels``: no weights are drawn,
+    #: and the evaluation's own hold-out split has a fixed seed). One run then stands for every
+    #: seed: the report pairs it with each seed of a method it is compared with.
+    seed_invariant: ClassVar[bool] = False
     #: The preset (``method=<preset>``) that is this method's default; ``register_method`` sets
     #: it to the method's name unless the class names another. A preset YAML of that name in
     #: configs/method/ is optional.

@@ -515,23 +515,83 @@ def test_reference_rows_and_whether_methods_beat_them(tmp_path):
 
 def test_reference_without_matched_seeds_and_on_another_backbone(tmp_path):
     runs = tmp_path / "runs"
-    write(runs, rec("pixels", "default", 0, 70.0, 75.0, reference=True), "px")
-    other = rec("random_init", "default", 1, 40.0, 50.0, reference=True)
+    write(runs, rec("random_init", "default", 0, 70.0, 75.0, reference=True), "ri")
+    other = rec("pixels", "default", 1, 40.0, 50.0, reference=True)
     other["config"]["backbone"]["name"] = "resnet18"  # not the methods' backbone
-    write(runs, other, "ri")
+    write(runs, other, "px")
     knn = [78.0, 80.0, 79.0]
     for seed in (1, 2, 3):
         write(runs, rec("simclr", "solo", seed, knn[seed - 1], 80.0 + seed), f"s-{seed}")
     report = build_report(runs, plots=False, presets=PRESETS)
     refs = report.tables["references"]
-    assert set(refs["reference"]) == {"pixels"}  # random_init ran on another backbone
+    assert set(refs["reference"]) == {"random_init"}  # the pixels ran on another backbone
     row = refs[refs["metric"] == "knn20_top1"].iloc[0]
     assert row["test"] == "one-sample t" and row["n_matched"] == 0
     assert row["p_value"] == pytest.approx(stats.ttest_1samp(knn, 70.0).pvalue)
     assert row["unmatched"] == "method only: 1,2,3; base only: 0"
     [simclr] = [r for r in table_rows(section(render(report, "markdown"), "Main table"))
                 if r["method"] == "simclr"]
-    assert simclr["beats refs (k-NN / linear)"].endswith("(random_init not comparable)")
+    assert simclr["beats refs (k-NN / linear)"].endswith("(pixels not comparable)")
+
+
+def test_a_seed_invariant_reference_run_stands_for_every_seed(tmp_path):
+    """One pixels run (seed-invariant) is paired with all three seeds of a method: a one-sample
+    t-test against its value, not a bootstrap of the one seed both share; random_init's one run
+    (its weights come from the seed) is paired with seed 0 alone."""
+    runs = tmp_path / "runs"
+    write(runs, rec("pixels", "default", 0, 70.0, 75.0, reference=True), "px")
+    write(runs, rec("random_init", "default", 0, 50.0, 60.0, reference=True), "ri")
+    knn, lin = [78.0, 80.0, 83.0], [80.0, 81.0, 85.0]
+    for seed in range(3):
+        write(runs, rec("simclr", "solo", seed, knn[seed], lin[seed]), f"s-{seed}")
+    refs = build_report(runs, plots=False, presets=PRESETS).tables["references"]
+    pixels = refs[(refs["reference"] == "pixels") & (refs["metric"] == "knn20_top1")].iloc[0]
+    assert pixels["test"] == "paired t" and pixels["n_matched"] == 3
+    assert pixels["p_value"] == pytest.approx(stats.ttest_1samp(knn, 70.0).pvalue)
+    assert pixels["mean_diff"] == pytest.approx(np.mean(knn) - 70.0)
+    assert pixels["per_seed"] == "0: +8.00; 1: +10.00; 2: +13.00"
+    assert pixels["unmatched"] == ""
+    assert pixels["note"] == ("paired t-test over 3 matched seeds; pixels is seed-invariant: "
+                              "its seed-0 run stands for seeds 1,2")
+    linear = refs[(refs["reference"] == "pixels") & (refs["metric"] == "linear_top1")].iloc[0]
+    assert linear["p_value"] == pytest.approx(stats.ttest_1samp(lin, 75.0).pvalue)
+    # the Holm family counts the three-seed tests; random_init's one-seed rows have no p-value
+    assert set(refs["family_size"]) == {2}
+    random_init = refs[(refs["reference"] == "random_init")
+                       & (refs["metric"] == "knn20_top1")].iloc[0]
+    assert random_init["test"] == "paired bootstrap" and random_init["n_matched"] == 1
+    assert random_init["unmatched"] == "method only: 1,2"
+
+
+def test_seed_invariance_is_not_assumed_where_the_runs_disagree_or_for_one_seed(tmp_path):
+    """Two pixels runs that differ (another CPU's rounding) are paired seed by seed only; a
+    method run only with seed 1 is compared with pixels' seed-0 run by the paired bootstrap
+    over the test images of that run."""
+    runs = tmp_path / "runs"
+    write(runs, rec("pixels", "default", 0, 70.0, 75.0, reference=True), "px0")
+    write(runs, rec("pixels", "default", 1, 72.5, 75.0, reference=True), "px1")
+    for seed, knn in ((0, 78.0), (1, 80.0), (2, 83.0)):
+        write(runs, rec("simclr", "solo", seed, knn, 80.0), f"s-{seed}")
+    refs = build_report(runs, plots=False, presets=PRESETS).tables["references"]
+    row = refs[refs["metric"] == "knn20_top1"].iloc[0]
+    assert row["n_matched"] == 2 and row["unmatched"] == "method only: 2"
+    assert row["p_value"] == pytest.approx(stats.ttest_rel([78.0, 80.0], [70.0, 72.5]).pvalue)
+
+    runs = tmp_path / "runs_one_seed"
+    write(runs, rec("pixels", "default", 0, 70.0, 75.0, reference=True), "px")
+    write(runs, rec("moco", "mocov2", 1, 80.0, 80.0), "m1")
+    refs = build_report(runs, plots=False, presets=PRESETS).tables["references"]
+    row = refs[refs["metric"] == "knn20_top1"].iloc[0]
+    assert row["test"] == "paired bootstrap" and row["n_matched"] == 1
+    assert row["mean_diff"] == pytest.approx(10.0)  # 32 against 28 of 40 test images
+    assert row["note"].endswith("pixels is seed-invariant: its seed-0 run stands for seed 1")
+    assert row["unmatched"] == ""
+
+
+def test_only_the_pixels_reference_is_seed_invariant():
+    from methods import get_method_class, list_methods
+
+    assert [m for m in list_methods() if get_method_class(m).seed_invariant] == ["pixels"]
 
 
 def test_dataset_filter(tmp_path, capsys):
