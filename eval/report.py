@@ -1232,7 +1232,8 @@ def ablation_plots(ablations: dict[str, pd.DataFrame], metric: str = HEADLINE_KN
             continue
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         lows, highs = [], []
-        for label, series in numeric.groupby(["dataset", "method", "preset", "context"]):
+        groups = numeric.groupby(["dataset", "method", "preset", "context"])
+        for index, (label, series) in enumerate(groups):
             series = series.sort_values("value")
             x = series["value"].astype(float)
             if key == "method.topk_neg":
@@ -1244,7 +1245,7 @@ def ablation_plots(ablations: dict[str, pd.DataFrame], metric: str = HEADLINE_KN
             lows += low.tolist()
             highs += high.tolist()
             name = " ".join(map(str, label[:3])) + (f" {label[3]}" if label[3] else "")
-            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=name)
+            ax.errorbar(x, mean, yerr=err, capsize=3, label=name, **curve_style(index))
             defaults = series[series["is_default"].astype(bool)]
             if not defaults.empty:
                 dx = defaults["value"].astype(float) + (1 if key == "method.topk_neg" else 0)
@@ -1267,6 +1268,17 @@ def ablation_plots(ablations: dict[str, pd.DataFrame], metric: str = HEADLINE_KN
     return plots
 
 
+CURVE_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def curve_style(index: int) -> dict[str, str]:
+    """Colour and marker of the ``index``-th curve of a plot: matplotlib's ten cycle colours, then
+    the same colours with the next marker, so up to 60 curves never share both (past ten, the
+    default cycle alone gave two curves one colour and one marker)."""
+    return {"color": f"C{index % 10}",
+            "marker": CURVE_MARKERS[(index // 10) % len(CURVE_MARKERS)]}
+
+
 def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
     import matplotlib
 
@@ -1274,7 +1286,7 @@ def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    drawn = False
+    curves_drawn = 0
     lows, highs = [], []
     for _, cell in cells.iterrows():
         curves = [r["metrics"].get("knn_curve") for r in cell["runs"]]
@@ -1294,10 +1306,10 @@ def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
         label = f"{cell['dataset']} {cell['method']}/{cell['preset']}" + (
             f" {cell['setting']}" if cell["setting"] else "")
         err = np.vstack([np.subtract(mean, low), np.subtract(high, mean)])
-        ax.errorbar(ks, mean, yerr=err, marker="o", capsize=2, label=label,
-                    linestyle="--" if cell["reference"] else "-")
-        drawn = True
-    if not drawn:
+        ax.errorbar(ks, mean, yerr=err, capsize=2, label=label,
+                    linestyle="--" if cell["reference"] else "-", **curve_style(curves_drawn))
+        curves_drawn += 1
+    if not curves_drawn:
         plt.close(fig)
         return None
     ax.set_xscale("log")

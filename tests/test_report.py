@@ -686,6 +686,32 @@ def test_plots_stay_within_0_and_100(tmp_path, monkeypatch):
     assert len(limits) >= 2 and all(0.0 <= low < high <= 100.0 for low, high in limits)
 
 
+def test_every_curve_of_a_plot_has_its_own_colour_and_marker(tmp_path, monkeypatch):
+    """Twelve cells on one k-NN-vs-k plot: matplotlib's cycle alone repeats a colour after ten
+    (both with marker "o"), which made two legend entries of the Fashion-MNIST plot identical."""
+    runs = tmp_path / "runs"
+    for i in range(12):
+        write(runs, rec("moco", "mocov2", 0, 70.0 + i, 80.0,
+                        extra_method={"temperature": 0.05 * (i + 1)}), f"m-{i}")
+    styles = {}
+
+    def spy(fig):
+        ax = fig.axes[0]
+        lines = [container.lines[0] for container in ax.containers]  # one per errorbar curve
+        styles[ax.get_xlabel()] = [(line.get_color(), line.get_marker()) for line in lines]
+        return b"png"
+
+    monkeypatch.setattr(report_module, "_png", spy)
+    build_report(runs, presets=PRESETS)
+    knn = styles["k (T = 0.07)"]
+    assert len(knn) == 12 and len(set(knn)) == 12
+    assert {marker for _, marker in knn} == {"o", "s"}
+    swept = styles["method.temperature"]
+    assert len(swept) == 1  # one curve over the swept values
+    assert report_module.curve_style(10) == {"color": "C0", "marker": "s"}
+    assert len({tuple(report_module.curve_style(i).values()) for i in range(60)}) == 60
+
+
 def test_group_size_plot_for_topk_sweep(tmp_path):
     runs = tmp_path / "runs"
     for k, knn in ((5, 60.0), (10, 65.0), (50, 62.0)):
