@@ -549,9 +549,9 @@ def _seed_invariant(method: str) -> bool:
 
 def _stand_in_seeds(
     base_cell: pd.Series | dict[str, Any], method: dict[int, float], base: dict[int, float]
-) -> tuple[dict[int, float], list[int]]:
-    """``base`` extended to every seed of ``method`` when the base is seed-invariant, and the
-    seeds so filled in.
+) -> tuple[dict[int, float], list[int], int | None]:
+    """``base`` extended to every seed of ``method`` when the base is seed-invariant, the seeds
+    so filled in, and the seed of the base run that stands in for them (None: nothing filled).
 
     A seed-invariant reference (raw pixels) computes the same thing whatever the seed, so its
     one run is the value every seed of it would give; pairing it with each of the method's seeds
@@ -560,13 +560,13 @@ def _stand_in_seeds(
     the base that disagree with each other (another CPU's rounding) are left as they are.
     """
     if not base or not _seed_invariant(str(base_cell["method"])) or len(set(base.values())) > 1:
-        return base, []
-    value = base[min(base)]
+        return base, [], None
     filled = sorted(set(method) - set(base))
     if not filled:
-        return base, []
+        return base, [], None
     # Every seed of the method, and no other: the base's own seeds are the same single value.
-    return {seed: value for seed in method}, filled
+    source = min(base)
+    return {seed: base[source] for seed in method}, filled, source
 
 
 def compare_cells(
@@ -586,7 +586,7 @@ def compare_cells(
     counts for every seed of the method (``_stand_in_seeds``; the row's note says so).
     """
     m, b = _values(method_cell, metric), _values(base_cell, metric)
-    b, stand_in = _stand_in_seeds(base_cell, m, b)
+    b, stand_in, stand_in_source = _stand_in_seeds(base_cell, m, b)
     paired = paired_comparison(m, b)
     row: dict[str, Any] = {
         "metric": metric, "n_matched": paired.n,
@@ -606,7 +606,7 @@ def compare_cells(
         seed = paired.diffs[0][0]
         key = _correct_key(metric)
         mc = _correct(next(r for r in method_cell["runs"] if r["seed"] == seed), key)
-        base_seed = seed if seed not in stand_in else min(_values(base_cell, metric))
+        base_seed = stand_in_source if seed in stand_in else seed
         bc = _correct(next(r for r in base_cell["runs"] if r["seed"] == base_seed), key)
         if mc is not None and bc is not None and mc.shape == bc.shape:
             observed, diffs = paired_bootstrap_diffs(mc, bc)
@@ -631,9 +631,8 @@ def compare_cells(
             ),
         )
     if stand_in:
-        run_seed = min(_values(base_cell, metric))
-        row["note"] += (f"; {base_cell['method']} is seed-invariant: its seed-{run_seed} run "
-                        f"stands for seed{'s' if len(stand_in) > 1 else ''} "
+        row["note"] += (f"; {base_cell['method']} is seed-invariant: its seed-{stand_in_source} "
+                        f"run stands for seed{'s' if len(stand_in) > 1 else ''} "
                         f"{','.join(map(str, stand_in))}")
     return row
 
