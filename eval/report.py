@@ -1287,6 +1287,7 @@ def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     curves_drawn = 0
     lows, highs = [], []
+    several_datasets = cells["dataset"].nunique() > 1
     for _, cell in cells.iterrows():
         curves = [r["metrics"].get("knn_curve") for r in cell["runs"]]
         curves = [c for c in curves if c]
@@ -1302,8 +1303,8 @@ def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
             high.append(s.mean if math.isnan(hi) else hi)
         lows += low
         highs += high
-        label = f"{cell['dataset']} {cell['method']}/{cell['preset']}" + (
-            f" {cell['setting']}" if cell["setting"] else "")
+        label = (f"{cell['dataset']} " if several_datasets else "") + (
+            f"{cell['method']}/{cell['preset']}") + (f" {cell['setting']}" if cell["setting"] else "")
         err = np.vstack([np.subtract(mean, low), np.subtract(high, mean)])
         ax.errorbar(ks, mean, yerr=err, capsize=2, label=label,
                     linestyle="--" if cell["reference"] else "-", **curve_style(curves_drawn))
@@ -1315,7 +1316,8 @@ def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
     ax.set_xlabel("k (T = 0.07)")
     ax.set_ylabel("k-NN top-1 (%)")
     _percent_axis(ax, lows, highs)
-    ax.legend(fontsize=6)
+    # Beside the axes, not in them: with a dozen curves an inner legend hides half the data.
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.grid(alpha=0.3)
     data = _png(fig)
     plt.close(fig)

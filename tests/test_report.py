@@ -712,6 +712,33 @@ def test_every_curve_of_a_plot_has_its_own_colour_and_marker(tmp_path, monkeypat
     assert len({tuple(report_module.curve_style(i).values()) for i in range(60)}) == 60
 
 
+def test_the_knn_plot_legend_leaves_every_curve_visible(tmp_path, monkeypatch):
+    """Sixteen cells: an inner legend covered most of the Fashion-MNIST k-NN-vs-k curves."""
+    runs = tmp_path / "runs"
+    for i in range(16):
+        write(runs, rec("moco", "mocov2", 0, 70.0 + i, 80.0,
+                        extra_method={"temperature": 0.05 * (i + 1)}), f"m-{i}")
+    boxes, labels = {}, {}
+
+    def spy(fig):
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes[ax.get_xlabel()] = (ax.get_window_extent(renderer),
+                                  ax.get_legend().get_window_extent(renderer))
+        labels[ax.get_xlabel()] = [t.get_text() for t in ax.get_legend().get_texts()]
+        return b"png"
+
+    monkeypatch.setattr(report_module, "_png", spy)
+    build_report(runs, presets=PRESETS)
+    axes_box, legend_box = boxes["k (T = 0.07)"]
+    assert legend_box.x0 >= axes_box.x1  # wholly to the right of the plotting area
+    assert legend_box.height > 0
+    # one dataset: its name would only lengthen every entry
+    assert len(labels["k (T = 0.07)"]) == 16
+    assert all(t.startswith("moco/mocov2") for t in labels["k (T = 0.07)"])
+
+
 def test_group_size_plot_for_topk_sweep(tmp_path):
     runs = tmp_path / "runs"
     for k, knn in ((5, 60.0), (10, 65.0), (50, 62.0)):
