@@ -1232,6 +1232,7 @@ def ablation_plots(ablations: dict[str, pd.DataFrame], metric: str = HEADLINE_KN
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         lows, highs = [], []
         groups = numeric.groupby(["dataset", "method", "preset", "context"])
+        several_datasets = numeric["dataset"].nunique() > 1
         for index, (label, series) in enumerate(groups):
             series = series.sort_values("value")
             x = series["value"].astype(float)
@@ -1243,7 +1244,7 @@ def ablation_plots(ablations: dict[str, pd.DataFrame], metric: str = HEADLINE_KN
             err = np.vstack([mean - low, high - mean])
             lows += low.tolist()
             highs += high.tolist()
-            name = " ".join(map(str, label[:3])) + (f" {label[3]}" if label[3] else "")
+            name = curve_label(*label, with_dataset=several_datasets)
             ax.errorbar(x, mean, yerr=err, capsize=3, label=name, **curve_style(index))
             defaults = series[series["is_default"].astype(bool)]
             if not defaults.empty:
@@ -1278,6 +1279,14 @@ def curve_style(index: int) -> dict[str, str]:
             "marker": CURVE_MARKERS[(index // 10) % len(CURVE_MARKERS)]}
 
 
+def curve_label(dataset: str, method: str, preset: str, setting: str, *,
+                with_dataset: bool) -> str:
+    """A curve's legend entry: ``method/preset`` and its setting, after the dataset only where the
+    plot holds several (in a one-dataset report the name would only lengthen every entry)."""
+    label = f"{method}/{preset}" + (f" {setting}" if setting else "")
+    return f"{dataset} {label}" if with_dataset else label
+
+
 def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
     import matplotlib
 
@@ -1303,8 +1312,8 @@ def knn_curve_plot(cells: pd.DataFrame) -> bytes | None:
             high.append(s.mean if math.isnan(hi) else hi)
         lows += low
         highs += high
-        label = (f"{cell['dataset']} " if several_datasets else "") + (
-            f"{cell['method']}/{cell['preset']}") + (f" {cell['setting']}" if cell["setting"] else "")
+        label = curve_label(cell["dataset"], cell["method"], cell["preset"], cell["setting"],
+                            with_dataset=several_datasets)
         err = np.vstack([np.subtract(mean, low), np.subtract(high, mean)])
         ax.errorbar(ks, mean, yerr=err, capsize=2, label=label,
                     linestyle="--" if cell["reference"] else "-", **curve_style(curves_drawn))

@@ -739,6 +739,13 @@ def test_the_knn_plot_legend_leaves_every_curve_visible(tmp_path, monkeypatch):
     assert all(t.startswith("moco/mocov2") for t in labels["k (T = 0.07)"])
 
 
+def test_curve_labels_name_the_dataset_only_where_a_plot_holds_several():
+    assert report_module.curve_label("digits", "groco", "default", "method.topk_neg=5",
+                                     with_dataset=False) == "groco/default method.topk_neg=5"
+    assert report_module.curve_label("digits", "simclr", "solo", "",
+                                     with_dataset=True) == "digits simclr/solo"
+
+
 def test_group_size_plot_for_topk_sweep(tmp_path):
     runs = tmp_path / "runs"
     for k, knn in ((5, 60.0), (10, 65.0), (50, 62.0)):
